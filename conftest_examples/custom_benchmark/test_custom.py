@@ -1,0 +1,6 @@
+def test_regression(check_benchmark, benchmark):  # run with --benchmarks piqa,mmlu
+    check_benchmark(benchmark)
+
+
+def test_piqa_is_better_than_chance(run_benchmark):  # a plain score check, no baseline
+    assert run_benchmark("piqa").value > 0.5

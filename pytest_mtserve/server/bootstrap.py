@@ -1,0 +1,59 @@
+"""Builds one server rank: process groups, model, weights, tokenizer and engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pytest_mtserve.server.distributed import ParallelGroups, init_parallel, resolve_device, shutdown_parallel
+from pytest_mtserve.server.engine import InferenceEngine
+from pytest_mtserve.server.options import ServerOptions
+from pytest_mtserve.server.rank_coordinator import ControlChannel, Leader, follow
+
+
+@dataclass
+class Rank:
+    groups: ParallelGroups
+    engine: InferenceEngine
+    channel: ControlChannel
+    tokenizer: Any  # rank 0 only
+    leader: Leader | None  # rank 0 only
+
+    @property
+    def is_leader(self) -> bool:
+        return self.leader is not None
+
+    def follow(self) -> None:
+        follow(self.engine, self.channel)
+
+    def close(self) -> None:
+        shutdown_parallel()
+
+
+def build_rank(options: ServerOptions) -> Rank:
+    from transformers import AutoTokenizer
+
+    from pytest_mtserve.server.checkpoint import locate_checkpoint
+    from pytest_mtserve.server.model import build_model, load_weights, resolve_dtype
+    from pytest_mtserve.server.model_runner import ModelRunner
+
+    info = locate_checkpoint(options.checkpoint)
+    groups = init_parallel(options.tp, options.pp, resolve_device(options.device))
+    model = build_model(
+        info.architecture,
+        device=groups.device,
+        dtype=resolve_dtype(options.dtype, groups.device),
+        max_sequence_length=options.inference_max_seq_length,
+    )
+    load_weights(model, info.iteration_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(info.tokenizer_dir)) if groups.rank == 0 else None
+    channel = ControlChannel(groups.control_group, groups.world_size)
+    engine = InferenceEngine(
+        ModelRunner(model, info.architecture, groups.device),
+        is_leader=groups.rank == 0,
+        share_tokens=channel.broadcast,
+        eos_token_ids={tokenizer.eos_token_id} if tokenizer is not None and tokenizer.eos_token_id is not None else set(),
+        detokenizer=tokenizer,
+    )
+    leader = Leader(engine, channel) if groups.rank == 0 else None
+    return Rank(groups, engine, channel, tokenizer, leader)

@@ -1,0 +1,74 @@
+"""torch.distributed and Megatron-Core parallel state for the server's process group."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import tempfile
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+# Idle ranks wait on the control channel between requests, possibly for days.
+_CONTROL_TIMEOUT = datetime.timedelta(days=30)
+
+
+@dataclass(frozen=True)
+class ParallelGroups:
+    rank: int
+    world_size: int
+    device: torch.device
+    control_group: dist.ProcessGroup  # gloo: broadcasts of work descriptions and tokens
+
+
+def resolve_device(requested: str) -> torch.device:
+    """``auto`` picks CUDA when available; ``cuda`` without a GPU is an error."""
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was given but no CUDA GPU is visible; use --device cpu")
+    if requested not in ("cuda", "cpu"):
+        raise ValueError(f"unknown device {requested!r}: use auto, cuda or cpu")
+    return torch.device(requested)
+
+
+def init_parallel(tp: int, pp: int, device: torch.device) -> ParallelGroups:
+    """Join the torchrun process group and set up Megatron's tensor/pipeline groups."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import random as tp_random
+
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size != tp * pp:
+        raise RuntimeError(f"WORLD_SIZE={world_size} but --tp {tp} x --pp {pp} = {tp * pp} ranks")
+    if device.type == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+        backend = "nccl"
+    else:
+        from pytest_mtserve.server.cpu_compat import apply_cpu_compat
+
+        apply_cpu_compat()
+        backend = "gloo"
+    if not dist.is_initialized():
+        if "MASTER_ADDR" in os.environ:
+            dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=_CONTROL_TIMEOUT)
+        else:  # a single process outside torchrun (tests, checkpoint writers)
+            store = tempfile.NamedTemporaryFile(prefix="mtserve-pg-", delete=False).name
+            dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1)
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+    )
+    tp_random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+    control = dist.new_group(backend="gloo", timeout=_CONTROL_TIMEOUT) if backend != "gloo" else dist.group.WORLD
+    return ParallelGroups(rank=rank, world_size=world_size, device=device, control_group=control)
+
+
+def shutdown_parallel() -> None:
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,154 @@
+"""The inference engine: scores prompts and generates continuations for a batch of WorkItems.
+
+Every rank runs :meth:`InferenceEngine.run` on the same batch and performs the same
+forward passes (tensor parallelism needs all of them). Rank 0 alone turns logits into
+tokens and log-probs; the tokens it picks reach the other ranks through ``share_tokens``
+each step, so all ranks agree on what comes next.
+
+Batch invariance: each row's prompt is scored at its true positions (right padding, exact
+masks) and each row decodes from its own KV-cache slots at its own position; sampling uses
+the row's own seeded generator. A request therefore gets the same result alone or inside
+any batch, up to floating-point reassociation inside matrix products.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import torch
+
+from pytest_mtserve.server.model_runner import ModelRunner
+from pytest_mtserve.server.sampling import choose_token, row_generator, top_logprobs
+from pytest_mtserve.server.work import WorkItem, WorkResult
+
+# Rank 0 passes the tokens it chose (None for finished rows); other ranks receive them.
+ShareTokens = Callable[[list[int | None] | None], list[int | None]]
+
+
+class Detokenizer(Protocol):
+    def decode(self, token_ids: list[int]) -> str: ...
+
+
+@dataclass
+class _Row:
+    item: WorkItem
+    position: int  # tokens in the KV cache so far (prompt + generated)
+    generator: torch.Generator | None
+    result: WorkResult = field(default_factory=lambda: WorkResult(output_tokens=[], finish_reason="length"))
+    done: bool = False  # tracked on rank 0; the other ranks follow the shared tokens
+
+
+class InferenceEngine:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        *,
+        is_leader: bool,
+        share_tokens: ShareTokens,
+        eos_token_ids: set[int],
+        detokenizer: Detokenizer | None,
+    ):
+        self.runner = runner
+        self.is_leader = is_leader
+        self.share_tokens = share_tokens
+        self.eos_token_ids = eos_token_ids
+        self.detokenizer = detokenizer
+
+    def run(self, items: list[WorkItem]) -> list[WorkResult]:
+        """Results in the order of ``items`` (meaningful on rank 0 only)."""
+        order = sorted(range(len(items)), key=lambda i: len(items[i].prompt_tokens))
+        rows = [_Row(items[i], len(items[i].prompt_tokens), self._generator(items[i])) for i in order]
+        longest = max(len(r.item.prompt_tokens) + r.item.max_tokens for r in rows)
+        needs_cache = any(r.item.max_tokens > 1 for r in rows)
+        cache = self.runner.new_cache(len(rows), longest) if needs_cache else None
+
+        logits = self.runner.prefill([r.item.prompt_tokens for r in rows], cache)
+        if self.is_leader:
+            for row_index, row in enumerate(rows):
+                self._record_prompt(row, logits[row_index])
+        next_logits = {i: logits[i, r.position - 1] for i, r in enumerate(rows) if r.item.max_tokens > 0}
+        while next_logits:
+            feed = self._choose(rows, next_logits)
+            next_logits = self._decode_step(rows, feed, cache)
+
+        results: list[WorkResult | None] = [None] * len(items)
+        for sorted_index, original_index in enumerate(order):
+            results[original_index] = rows[sorted_index].result
+        return results  # type: ignore[return-value]
+
+    def _generator(self, item: WorkItem) -> torch.Generator | None:
+        return row_generator(item.sampling) if self.is_leader else None
+
+    def _record_prompt(self, row: _Row, logits: torch.Tensor) -> None:
+        item = row.item
+        if item.logprobs is None:
+            return
+        row.result.output_logprobs = []
+        row.result.output_top_logprobs = []
+        if not item.echo:
+            return
+        length = len(item.prompt_tokens)
+        logprobs = torch.log_softmax(logits[: length - 1].float(), dim=-1)
+        targets = torch.tensor(item.prompt_tokens[1:], device=logprobs.device)
+        row.result.prompt_logprobs = [None] + logprobs.gather(1, targets[:, None])[:, 0].tolist()
+        row.result.prompt_top_logprobs = [None] + top_logprobs(logprobs, item.logprobs)
+
+    def _choose(self, rows: list[_Row], next_logits: dict[int, torch.Tensor]) -> list[int | None]:
+        """Rank 0 picks each waiting row's next token and records it.
+
+        Returns, on every rank, the token to feed back per row: None where the row is done.
+        """
+        feed: list[int | None] | None = None
+        if self.is_leader:
+            feed = [None] * len(rows)
+            for index, logits in next_logits.items():
+                token = self._append_token(rows[index], logits)
+                feed[index] = None if rows[index].done else token
+        return self.share_tokens(feed)
+
+    def _append_token(self, row: _Row, logits: torch.Tensor) -> int:
+        item, result = row.item, row.result
+        token = choose_token(logits, item.sampling, row.generator)
+        result.output_tokens.append(token)
+        if item.logprobs is not None:
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            result.output_logprobs.append(float(logprobs[token]))
+            result.output_top_logprobs.extend(top_logprobs(logprobs[None], item.logprobs))
+        self._update_finish(row, token)
+        return token
+
+    def _update_finish(self, row: _Row, token: int) -> None:
+        item, result = row.item, row.result
+        if token in self.eos_token_ids and not item.ignore_eos:
+            result.finish_reason, row.done = "stop", True
+        elif item.stop and self.detokenizer is not None:
+            text = self.detokenizer.decode(result.output_tokens)
+            hit = next((s for s in item.stop if s in text), None)
+            if hit is not None:
+                result.finish_reason, result.stop_string, row.done = "stop", hit, True
+        if len(result.output_tokens) >= item.max_tokens:
+            row.done = True
+
+    def _decode_step(self, rows: list[_Row], feed: list[int | None], cache) -> dict[int, torch.Tensor]:
+        """Feed each continuing row its new token; returns next-token logits by row index."""
+        active = [i for i, token in enumerate(feed) if token is not None]
+        next_logits: dict[int, torch.Tensor] = {}
+        for group in _contiguous_same_position(active, rows):
+            tokens = [feed[i] for i in group]
+            logits = self.runner.decode(cache, tokens, group[0], rows[group[0]].position)
+            for offset, index in enumerate(group):
+                rows[index].position += 1
+                next_logits[index] = logits[offset]
+        return next_logits
+
+
+def _contiguous_same_position(active: list[int], rows: list[_Row]) -> list[list[int]]:
+    """Split active row indices into runs of neighbours that share a cache position."""
+    groups: list[list[int]] = []
+    for index in active:
+        if groups and groups[-1][-1] == index - 1 and rows[groups[-1][-1]].position == rows[index].position:
+            groups[-1].append(index)
+        else:
+            groups.append([index])
+    return groups

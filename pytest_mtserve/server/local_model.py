@@ -1,0 +1,38 @@
+"""A checkpoint loaded in this one process (TP1): for converters' checks, benchmarks and tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from pytest_mtserve.server.checkpoint import CheckpointInfo, locate_checkpoint
+from pytest_mtserve.server.distributed import init_parallel
+from pytest_mtserve.server.model import build_model, load_weights, resolve_dtype
+from pytest_mtserve.server.model_runner import ModelRunner
+
+
+class LocalModel:
+    def __init__(self, info: CheckpointInfo, runner: ModelRunner):
+        self.info = info
+        self.runner = runner
+
+    @torch.inference_mode()
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Float32 logits [batch, seq, vocab] of equal-length rows of token ids."""
+        return self.runner.prefill(tokens.tolist()).float()
+
+
+def load_model(checkpoint: Path | str, *, tp: int = 1, device: str = "cpu", dtype: str = "auto") -> LocalModel:
+    """Initialise a one-process group (if none) and load the checkpoint's weights."""
+    info = locate_checkpoint(checkpoint)
+    info.architecture.check_parallelism(tp, 1)
+    groups = init_parallel(tp=tp, pp=1, device=torch.device(device))
+    model = build_model(
+        info.architecture,
+        device=groups.device,
+        dtype=resolve_dtype(dtype, groups.device),
+        max_sequence_length=info.architecture.seq_length,
+    )
+    load_weights(model, info.iteration_dir)
+    return LocalModel(info, ModelRunner(model, info.architecture, groups.device))

@@ -1,0 +1,119 @@
+"""Server entry point: checks the input, starts itself under torchrun, gives each rank its role.
+
+Rank 0 serves: PyTriton binds the engine, the FastAPI front end talks to Triton, and one
+``MTSERVE_READY {...}`` line on stdout says where. The other ranks follow rank 0's
+broadcasts. SIGTERM or SIGINT stops the front end, Triton and every rank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+
+from pytest_mtserve.server.options import ServerOptions, parse_server_options, to_argv
+
+READY_PREFIX = "MTSERVE_READY "
+
+
+class ServerInputError(Exception):
+    """Bad input found before any process starts: printed as one line, exit code 2."""
+
+
+def main(argv: list[str] | None = None, prog: str = "mtserve serve") -> int:
+    options = parse_server_options(argv, prog=prog)
+    try:
+        if "RANK" not in os.environ:
+            _check_input(options)
+            if options.world_size > 1:
+                return _relaunch_under_torchrun(options)
+        return _serve_rank(options)
+    except ServerInputError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
+        return 2
+
+
+def _check_input(options: ServerOptions) -> None:
+    """Everything that can be checked from files, before torchrun starts a single rank."""
+    from pytest_mtserve.server.architecture import ArchitectureError
+    from pytest_mtserve.server.checkpoint import CheckpointError, locate_checkpoint
+
+    try:
+        info = locate_checkpoint(options.checkpoint)
+        info.architecture.check_parallelism(options.tp, options.pp)
+    except (CheckpointError, ArchitectureError) as error:
+        raise ServerInputError(str(error)) from None
+    if options.inference_max_seq_length < 2:
+        raise ServerInputError("--inference-max-seq-length must be at least 2 tokens")
+
+
+def _relaunch_under_torchrun(options: ServerOptions) -> int:
+    """Replace this process with torchrun running one server rank per GPU (or CPU process)."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        "--nproc-per-node", str(options.world_size), "-m", "pytest_mtserve.server", *to_argv(options),
+    ]
+    sys.stdout.flush()
+    os.execv(sys.executable, command)
+    return 0  # not reached
+
+
+def _serve_rank(options: ServerOptions) -> int:
+    from pytest_mtserve.server.bootstrap import build_rank
+
+    rank = build_rank(options)
+    if rank.is_leader:
+        _lead(rank, options)
+    else:
+        _quit_quietly_on_signals()
+        rank.follow()
+    rank.close()
+    return 0
+
+
+def _lead(rank, options: ServerOptions) -> None:
+    from pytest_mtserve.server.openai_api import FrontEndServer, create_app
+    from pytest_mtserve.server.triton_binding import TritonClient, TritonEngineServer
+
+    stop_requested = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop_requested.set())
+    triton = TritonEngineServer(
+        rank.leader.run_batch,
+        max_batch_size=options.max_batch_size,
+        queue_delay_us=options.queue_delay_us,
+        http_port=options.triton_port,
+    )
+    frontend = None
+    try:
+        triton.start()
+        client = TritonClient(triton.url, "mtserve_engine", timeout_s=options.request_timeout)
+        app = create_app(
+            model_name=options.model_name,
+            tokenizer=rank.tokenizer,
+            max_seq_length=options.inference_max_seq_length,
+            client=client,
+        )
+        frontend = FrontEndServer(app, options.host, options.port)
+        url = frontend.start()
+        ready = {"url": url, "model": options.model_name, "triton_port": _port_of(triton.url), "pid": os.getpid()}
+        print(READY_PREFIX + json.dumps(ready), flush=True)
+        while not stop_requested.wait(timeout=1.0):
+            pass
+    finally:
+        if frontend is not None:
+            frontend.stop()
+        triton.stop()
+        rank.leader.stop_followers()
+
+
+def _port_of(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+def _quit_quietly_on_signals() -> None:
+    """A follower holds no state worth saving: on a signal it just leaves."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: os._exit(0))

@@ -1,0 +1,88 @@
+"""Command-line options of the model server (`mtserve serve`, `python -m pytest_mtserve.server`).
+
+Names follow NeMo's reference deployment where they overlap, in dash form.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    checkpoint: Path
+    tp: int
+    pp: int
+    max_batch_size: int
+    inference_max_seq_length: int
+    host: str
+    port: int
+    triton_port: int
+    model_name: str
+    device: str
+    dtype: str
+    queue_delay_us: int
+    request_timeout: float
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp
+
+
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", type=Path, required=True,
+                        help="Megatron checkpoint: a run directory (the latest iteration is served) or one iter_NNNNNNN folder")
+    parser.add_argument("--tp", "--tensor-model-parallel-size", dest="tp", type=int, default=1,
+                        help="tensor-parallel ranks the model is split over (default: 1)")
+    parser.add_argument("--pp", "--pipeline-model-parallel-size", dest="pp", type=int, default=1,
+                        help="pipeline-parallel stages; only 1 is supported for now")
+    parser.add_argument("--max-batch-size", type=int, default=8,
+                        help="most requests Triton's dynamic batcher puts into one forward pass (default: 8)")
+    parser.add_argument("--inference-max-seq-length", type=int, default=4096,
+                        help="longest prompt + completion accepted, in tokens (default: 4096)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address the OpenAI-compatible HTTP server binds (default: 127.0.0.1)")
+    parser.add_argument("--port", "--server-port", dest="port", type=int, default=8080,
+                        help="port of the OpenAI-compatible HTTP server; 0 picks a free one (default: 8080)")
+    parser.add_argument("--triton-port", type=int, default=0,
+                        help="Triton's HTTP port on 127.0.0.1; 0 picks a free one (default: 0)")
+    parser.add_argument("--model-name", "--triton-model-name", dest="model_name", default="megatron_model",
+                        help="model name the API serves and requests must name (default: megatron_model)")
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                        help="auto uses the GPUs when there are any (default: auto)")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                        help="compute dtype; auto is bfloat16 on GPU, float32 on CPU (default: auto)")
+    parser.add_argument("--queue-delay-us", type=int, default=2000,
+                        help="how long Triton waits to fill a batch, in microseconds (default: 2000)")
+    parser.add_argument("--request-timeout", type=float, default=600.0,
+                        help="seconds the HTTP front end waits for Triton per request (default: 600)")
+
+
+def parse_server_options(argv: list[str] | None = None, prog: str = "mtserve serve") -> ServerOptions:
+    parser = argparse.ArgumentParser(prog=prog, description="Serve a Megatron-Core checkpoint over an OpenAI-compatible API.")
+    add_server_arguments(parser)
+    return options_from_namespace(parser.parse_args(argv), parser)
+
+
+def options_from_namespace(args: argparse.Namespace, parser: argparse.ArgumentParser) -> ServerOptions:
+    for name in ("tp", "pp", "max_batch_size", "inference_max_seq_length"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("port", "triton_port"):
+        if not 0 <= getattr(args, name) <= 65535:
+            parser.error(f"--{name.replace('_', '-')} must be a port number (0-65535)")
+    return ServerOptions(**{field: getattr(args, field) for field in ServerOptions.__dataclass_fields__})
+
+
+def to_argv(options: ServerOptions) -> list[str]:
+    """The command line that reproduces ``options`` (for relaunching under torchrun)."""
+    return [
+        "--checkpoint", str(options.checkpoint), "--tp", str(options.tp), "--pp", str(options.pp),
+        "--max-batch-size", str(options.max_batch_size),
+        "--inference-max-seq-length", str(options.inference_max_seq_length),
+        "--host", options.host, "--port", str(options.port), "--triton-port", str(options.triton_port),
+        "--model-name", options.model_name, "--device", options.device, "--dtype", options.dtype,
+        "--queue-delay-us", str(options.queue_delay_us), "--request-timeout", str(options.request_timeout),
+    ]

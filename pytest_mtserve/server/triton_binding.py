@@ -1,0 +1,214 @@
+"""PyTriton in front of the engine, and the async client the HTTP front end uses to reach it.
+
+Every Triton row is one ``WorkItem`` as JSON bytes and comes back as one ``WorkResult`` as
+JSON bytes, so rows of different lengths share a dynamic batch without padding each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import sysconfig
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from .ports import ensure_port_free, pick_free_port
+from .work import WorkItem, WorkResult
+
+LOGGER = logging.getLogger(__name__)
+
+RunBatch = Callable[[list[WorkItem]], list[WorkResult]]
+
+REQUEST_INPUT = "request"
+RESPONSE_OUTPUT = "response"
+ERROR_KEY = "error"  # a response row {"error": "..."} reports that the engine failed on its batch
+# How long tritonserver may take to stop. It must exceed the Python backend's model unload
+# (~2.5 s measured), else tritonserver exits at once and leaves its /dev/shm regions behind.
+# Open keep-alive connections make it wait the whole time: close clients before stopping.
+EXIT_TIMEOUT_S = 8
+
+
+class TritonUnavailableError(RuntimeError):
+    """Triton could not be reached (not started yet, or stopped)."""
+
+
+class TritonInferenceError(RuntimeError):
+    """Triton answered a request with an error (the engine failed on its batch)."""
+
+
+class TritonEngineServer:
+    """Serves ``run_batch`` as a PyTriton model with dynamic batching."""
+
+    def __init__(
+        self,
+        run_batch: RunBatch,
+        *,
+        triton_model_name: str = "mtserve_engine",
+        max_batch_size: int,
+        queue_delay_us: int,
+        host: str = "127.0.0.1",
+        http_port: int = 0,
+    ) -> None:
+        self._run_batch = run_batch
+        self.triton_model_name = triton_model_name
+        self._max_batch_size = max_batch_size
+        self._queue_delay_us = queue_delay_us
+        self._host = host
+        self._requested_port = http_port
+        self._triton: Any = None  # pytriton.triton.Triton once started
+        self._workspace_root: Path | None = None
+        self.url = ""
+
+    def start(self) -> None:
+        """Start tritonserver and return once the model is ready.
+
+        Call from the main thread: tritonserver gets a parent-death signal tied to the
+        thread that starts it, so a short-lived thread would take the server down with it.
+        """
+        from pytriton.constants import PYTRITON_HOME
+
+        port = self._requested_port or pick_free_port(self._host)
+        ensure_port_free(self._host, port, "Triton HTTP", option="--triton-port")
+        _put_own_libpython_first()
+        PYTRITON_HOME.mkdir(parents=True, exist_ok=True)
+        self._workspace_root = Path(tempfile.mkdtemp(prefix="mtserve_triton_", dir=PYTRITON_HOME))
+        try:
+            self._triton = self._bound_triton(port, self._workspace_root / "workspace")
+            self._triton.run()
+        except BaseException:
+            self.stop()
+            raise
+        self.url = f"http://{self._host}:{port}"
+
+    def _bound_triton(self, port: int, workspace: Path) -> Any:
+        from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
+        from pytriton.triton import Triton, TritonConfig
+
+        config = TritonConfig(
+            http_address=self._host,
+            http_port=port,
+            allow_grpc=False,
+            allow_metrics=False,
+            exit_timeout_secs=EXIT_TIMEOUT_S,
+        )
+        triton = Triton(config=config, workspace=workspace)
+        triton.bind(
+            model_name=self.triton_model_name,
+            infer_func=self._make_infer_func(),
+            inputs=[Tensor(name=REQUEST_INPUT, dtype=bytes, shape=(1,))],
+            outputs=[Tensor(name=RESPONSE_OUTPUT, dtype=bytes, shape=(1,))],
+            config=ModelConfig(
+                max_batch_size=self._max_batch_size,
+                batcher=DynamicBatcher(max_queue_delay_microseconds=self._queue_delay_us),
+            ),
+            strict=True,
+        )
+        return triton
+
+    def stop(self) -> None:
+        """Stop tritonserver and remove its workspace; safe to call twice."""
+        if self._triton is not None:
+            self._triton.stop()
+            self._triton = None
+        if self._workspace_root is not None:
+            # PyTriton's own cleanup skips hidden files (its IPC sockets) and then leaves the
+            # directory (~22 MB of tritonserver copy) until garbage collection.
+            shutil.rmtree(self._workspace_root, ignore_errors=True)
+            self._workspace_root = None
+
+    def _make_infer_func(self) -> Callable[..., dict[str, Any]]:
+        import numpy as np
+        from pytriton.decorators import batch
+
+        run_batch = self._run_batch
+
+        @batch
+        def infer(**inputs: Any) -> dict[str, Any]:
+            items = [WorkItem.from_json(row[0]) for row in inputs[REQUEST_INPUT]]
+            rows = [[row.encode()] for row in _run_batch_to_rows(run_batch, items)]
+            return {RESPONSE_OUTPUT: np.array(rows, dtype=object)}
+
+        return infer
+
+
+def _run_batch_to_rows(run_batch: RunBatch, items: list[WorkItem]) -> list[str]:
+    # An engine failure becomes an error row for each request of this batch: the clients get
+    # a short message (the traceback stays in this process's log) and Triton keeps serving.
+    try:
+        results = run_batch(items)
+        if len(results) != len(items):
+            raise RuntimeError(f"run_batch returned {len(results)} results for {len(items)} items")
+    except Exception as error:
+        LOGGER.exception("the engine failed on a batch of %d items", len(items))
+        return [json.dumps({ERROR_KEY: f"the engine failed: {error!r}"})] * len(items)
+    return [result.to_json() for result in results]
+
+
+def _put_own_libpython_first() -> None:
+    # The Python backend stub loads libpython by the search path; without this it can pick
+    # the system's libpython of another patch release and fail to load the model.
+    libdir = sysconfig.get_config_var("LIBDIR")
+    paths = [p for p in os.environ.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p and p != libdir]
+    os.environ["LD_LIBRARY_PATH"] = os.pathsep.join([libdir, *paths])
+
+
+class TritonClient:
+    """Async KServe-v2 HTTP/JSON client for the engine model.
+
+    ``infer`` sends one Triton request per item, concurrently, so Triton's dynamic batcher
+    can put rows from different HTTP requests into the same batch.
+    """
+
+    def __init__(self, url: str, triton_model_name: str, timeout_s: float) -> None:
+        self._model_path = f"/v2/models/{triton_model_name}"
+        self._http = httpx.AsyncClient(base_url=url, timeout=timeout_s)
+
+    async def infer(self, items: list[WorkItem]) -> list[WorkResult]:
+        return list(await asyncio.gather(*(self._infer_one(item) for item in items)))
+
+    async def ready(self) -> bool:
+        try:
+            response = await self._http.get(f"{self._model_path}/ready")
+        except httpx.TransportError:
+            return False
+        return response.status_code == 200
+
+    async def aclose(self) -> None:
+        # Open keep-alive connections would make tritonserver wait on stop.
+        await self._http.aclose()
+
+    async def _infer_one(self, item: WorkItem) -> WorkResult:
+        body = {
+            "inputs": [{"name": REQUEST_INPUT, "shape": [1, 1], "datatype": "BYTES", "data": [item.to_json()]}],
+            "outputs": [{"name": RESPONSE_OUTPUT}],
+        }
+        try:
+            response = await self._http.post(f"{self._model_path}/infer", json=body)
+        except httpx.TransportError as error:
+            raise TritonUnavailableError(f"cannot reach Triton at {self._http.base_url}: {error!r}") from None
+        if response.status_code != 200:
+            raise TritonInferenceError(f"Triton answered {response.status_code}: {_error_text(response)}")
+        return _work_result(response.json())
+
+
+def _work_result(body: dict[str, Any]) -> WorkResult:
+    (output,) = (o for o in body["outputs"] if o["name"] == RESPONSE_OUTPUT)
+    (row,) = output["data"]
+    error = json.loads(row).get(ERROR_KEY)
+    if error is not None:
+        raise TritonInferenceError(error)
+    return WorkResult.from_json(row)
+
+
+def _error_text(response: httpx.Response) -> str:
+    try:
+        return str(response.json().get("error", response.text))
+    except ValueError:
+        return response.text

@@ -1,0 +1,4 @@
+"""The built-in benchmark suite, for a gate without writing a test:
+
+    pytest --pyargs pytest_mtserve.suite --checkpoint /ckpts/run --benchmarks mmlu,arc_challenge
+"""

@@ -1,0 +1,7 @@
+"""One gate per selected benchmark (``--benchmarks``), against ``<baselines-dir>/<model-id>/``."""
+
+from collections.abc import Callable
+
+
+def test_regression(check_benchmark: Callable[[str], object], benchmark: str) -> None:
+    check_benchmark(benchmark)

@@ -1,0 +1,133 @@
+"""Front-end pieces that need no Triton: tiny tokenizer, port checks, health, chat template."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from transformers import AutoTokenizer
+
+from pytest_mtserve.server.openai_api import FrontEndServer, create_app
+from pytest_mtserve.server.ports import PortInUseError, ensure_port_free, pick_free_port
+from pytest_mtserve.server.tiny_tokenizer import build_tiny_tokenizer
+from pytest_mtserve.server.triton_binding import TritonEngineServer
+from pytest_mtserve.server.work import WorkItem, WorkResult
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("tiny_tokenizer")
+    build_tiny_tokenizer(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tokenizer_dir: Path):
+    return AutoTokenizer.from_pretrained(str(tokenizer_dir))
+
+
+@pytest.fixture
+def listener():
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    yield sock.getsockname()[1]
+    sock.close()
+
+
+def test_tiny_tokenizer_builds_are_byte_identical(tokenizer_dir: Path, tmp_path: Path) -> None:
+    build_tiny_tokenizer(tmp_path)
+    names = sorted(p.name for p in tokenizer_dir.iterdir())
+    assert names == ["special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]
+    for name in names:
+        assert (tmp_path / name).read_bytes() == (tokenizer_dir / name).read_bytes(), name
+
+
+def test_tiny_tokenizer_loads_offline_with_expected_specials(tokenizer_dir: Path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    assert len(tokenizer) == 1000
+    assert tokenizer.convert_ids_to_tokens([0, 1, 2]) == ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    assert tokenizer.eos_token_id == 2 and tokenizer.bos_token is None
+    text = "Question: What is 12 plus 30?\nAnswer: 42"
+    ids = tokenizer(text)["input_ids"]
+    assert ids == tokenizer(text, add_special_tokens=False)["input_ids"]  # no BOS added
+    assert tokenizer.decode(ids) == text
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert chat == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_busy_port_is_named_with_the_fix(listener: int) -> None:
+    with pytest.raises(PortInUseError) as raised:
+        ensure_port_free("127.0.0.1", listener, "Triton HTTP", option="--triton-port")
+    assert str(raised.value) == (
+        f"port {listener} on 127.0.0.1 (Triton HTTP) is already in use; "
+        "pass --triton-port 0 to pick a free one or stop the other process"
+    )
+
+
+def test_picked_port_is_free() -> None:
+    ensure_port_free("127.0.0.1", pick_free_port("127.0.0.1"), "test")
+
+
+def test_triton_on_busy_port_fails_fast_naming_it(listener: int) -> None:
+    server = TritonEngineServer(lambda items: [], max_batch_size=2, queue_delay_us=100, http_port=listener)
+    started = time.monotonic()
+    with pytest.raises(PortInUseError, match=f"port {listener} on 127.0.0.1 \\(Triton HTTP\\)"):
+        server.start()
+    assert time.monotonic() - started < 5
+
+
+class FakeClient:
+    def __init__(self, ready: bool) -> None:
+        self.is_ready = ready
+
+    async def infer(self, items: list[WorkItem]) -> list[WorkResult]:
+        return [WorkResult(output_tokens=[], finish_reason="length") for _ in items]
+
+    async def ready(self) -> bool:
+        return self.is_ready
+
+
+def test_front_end_on_busy_port_fails_naming_it(tokenizer, listener: int) -> None:
+    app = create_app(model_name="tiny", tokenizer=tokenizer, max_seq_length=64, client=FakeClient(True))
+    with pytest.raises(PortInUseError, match=f"port {listener} on 127.0.0.1 \\(HTTP front end\\).*--port 0"):
+        FrontEndServer(app, "127.0.0.1", listener).start()
+
+
+def _call(app, path: str, body: dict | None = None) -> httpx.Response:
+    async def call() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://test") as client:
+            if body is None:
+                return await client.get(path)
+            return await client.post(path, json=body)
+
+    return asyncio.run(call())
+
+
+@pytest.mark.parametrize(("warmed_up", "triton_ready"), [(False, True), (True, False)])
+def test_health_is_503_until_warm_and_triton_ready(tokenizer, warmed_up: bool, triton_ready: bool) -> None:
+    app = create_app(model_name="tiny", tokenizer=tokenizer, max_seq_length=64, client=FakeClient(triton_ready))
+    app.state.warmed_up = warmed_up
+    response = _call(app, "/v1/health")
+    assert response.status_code == 503
+    assert response.json()["error"]["type"] == "ServiceUnavailableError"
+
+
+def test_health_is_200_when_warm_and_triton_ready(tokenizer) -> None:
+    app = create_app(model_name="tiny", tokenizer=tokenizer, max_seq_length=64, client=FakeClient(True))
+    app.state.warmed_up = True
+    assert _call(app, "/v1/health").json() == {"status": "ok"}
+
+
+def test_chat_without_template_is_a_clear_400(tokenizer_dir: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tokenizer.chat_template = None
+    app = create_app(model_name="tiny", tokenizer=tokenizer, max_seq_length=64, client=FakeClient(True))
+    response = _call(app, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})
+    assert response.status_code == 400
+    assert "no chat template" in response.json()["error"]["message"]
