@@ -36,19 +36,20 @@ must be called from the main thread and not concurrently with itself in one proc
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
 import os
 import re
 import signal
+import statistics
 import sys
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +70,7 @@ class EvaluationError(Exception):
     """A benchmark run that produced no valid result; the message says why and where."""
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Endpoint:
     """A served model: ``url`` is the base (``http://127.0.0.1:8080``), without ``/v1``."""
 
@@ -86,7 +87,7 @@ class Endpoint:
         return self.url.rstrip("/") + "/v1/chat/completions"
 
 
-@dataclass
+@dataclasses.dataclass
 class BenchmarkResult:
     """One benchmark's score and the per-question values it is the mean of."""
 
@@ -125,8 +126,15 @@ def run_benchmark(
     holds the datasets in hub layout and makes the run offline. Raises ``EvaluationError``.
     """
     if threading.current_thread() is not threading.main_thread():
-        raise EvaluationError("run_benchmark must run in the main thread (nemo-evaluator sets signal handlers)")
+        raise EvaluationError(
+            "run_benchmark must run in the main thread (nemo-evaluator sets signal handlers)"
+        )
     output_dir = _new_output_dir(output_dir)
+    # The harness runs in datasets_dir: relative paths would no longer point where meant.
+    datasets_dir = None if datasets_dir is None else Path(datasets_dir).resolve()
+    if endpoint.tokenizer_dir is not None:
+        tokenizer_dir = Path(endpoint.tokenizer_dir).resolve()
+        endpoint = dataclasses.replace(endpoint, tokenizer_dir=tokenizer_dir)
     _check_inputs(benchmark, endpoint, datasets_dir)
     _probe_endpoint(benchmark, endpoint, request_timeout)
     harness_log = HarnessLog(output_dir / HARNESS_LOG_NAME, progress)
@@ -141,7 +149,10 @@ def run_benchmark(
     wall_time_s = time.monotonic() - started
     result = _collect_result(benchmark, output_dir, limit, wall_time_s, harness_log)
     if progress:
-        progress(f"{benchmark.name}: {benchmark.metric} = {result.value:.4f} over {result.n} questions in {wall_time_s:.1f} s")
+        progress(
+            f"{benchmark.name}: {benchmark.metric} = {result.value:.4f} "
+            f"over {result.n} questions in {wall_time_s:.1f} s"
+        )
     return result
 
 
@@ -149,7 +160,9 @@ def _new_output_dir(output_dir: Path) -> Path:
     output_dir = Path(output_dir).resolve()
     if output_dir.exists() and any(output_dir.iterdir()):
         # lm-eval would replay its cache from an earlier run and send no requests at all.
-        raise EvaluationError(f"output directory {output_dir} is not empty; use a new directory per run")
+        raise EvaluationError(
+            f"output directory {output_dir} is not empty; use a new directory per run"
+        )
     output_dir.mkdir(parents=True, exist_ok=True)
     return output_dir
 
@@ -157,11 +170,37 @@ def _new_output_dir(output_dir: Path) -> Path:
 def _check_inputs(benchmark: Benchmark, endpoint: Endpoint, datasets_dir: Path | None) -> None:
     if benchmark.needs_tokenizer:
         if endpoint.tokenizer_dir is None:
-            raise EvaluationError(f"{benchmark.name} scores log-likelihoods and needs the model's tokenizer: set Endpoint.tokenizer_dir")
+            raise EvaluationError(
+                f"{benchmark.name} scores log-likelihoods and needs the model's tokenizer: "
+                "set Endpoint.tokenizer_dir"
+            )
         if not (Path(endpoint.tokenizer_dir) / "tokenizer_config.json").is_file():
-            raise EvaluationError(f"tokenizer directory {endpoint.tokenizer_dir} has no tokenizer_config.json; pass a Hugging Face tokenizer directory")
+            raise EvaluationError(
+                f"tokenizer directory {endpoint.tokenizer_dir} has no tokenizer_config.json; "
+                "pass a Hugging Face tokenizer directory"
+            )
     if datasets_dir is not None and not Path(datasets_dir).is_dir():
-        raise EvaluationError(f"datasets directory {datasets_dir} does not exist; write it with pytest_mtserve.datasets.write_hub_dataset")
+        raise EvaluationError(
+            f"datasets directory {datasets_dir} does not exist; "
+            "write it with pytest_mtserve.datasets.write_hub_dataset"
+        )
+    if datasets_dir is not None:
+        _check_no_task_name_clash(benchmark, Path(datasets_dir))
+
+
+def _check_no_task_name_clash(benchmark: Benchmark, datasets_dir: Path) -> None:
+    """lm-eval reads ``--tasks NAME`` as a folder of task YAMLs when ``NAME`` is a directory
+    of its working directory, which is ``datasets_dir`` here: a dataset whose hub id is its
+    task's name (gsm8k, hellaswag, winogrande) would make lm-eval run no task at all."""
+    task = benchmark.task.removeprefix(AD_HOC_PREFIX)
+    if (datasets_dir / task).is_dir():
+        raise EvaluationError(
+            f"{benchmark.name}: the datasets directory {datasets_dir} has a dataset folder "
+            f"'{task}', named like the lm-eval task; lm-eval runs in the datasets directory and "
+            f"would take that folder for a folder of task YAMLs (and find no task). Offline "
+            f"datasets are not supported for tasks named like their dataset: run {benchmark.name} "
+            "with the Hugging Face hub's datasets (no datasets_dir / --datasets-dir)"
+        )
 
 
 def _probe_endpoint(benchmark: Benchmark, endpoint: Endpoint, timeout_s: float) -> None:
@@ -179,19 +218,25 @@ def _probe_endpoint(benchmark: Benchmark, endpoint: Endpoint, timeout_s: float) 
             response.read()
     except urllib.error.HTTPError as error:
         detail = error.read().decode(errors="replace")[:500]
-        raise EvaluationError(f"endpoint {url} answered a probe request with HTTP {error.code}: {detail}") from None
+        raise EvaluationError(
+            f"endpoint {url} answered a probe request with HTTP {error.code}: {detail}"
+        ) from None
     except (urllib.error.URLError, OSError) as error:
         reason = getattr(error, "reason", error)
-        raise EvaluationError(f"endpoint {url} is unreachable ({reason}); is the server running at {endpoint.url}?") from None
+        raise EvaluationError(
+            f"endpoint {url} is unreachable ({reason}); is the server running at {endpoint.url}?"
+        ) from None
 
 
 @contextlib.contextmanager
-def _harness_process_state(output_dir: Path, datasets_dir: Path | None, harness_log: HarnessLog) -> Iterator[None]:
+def _harness_process_state(
+    output_dir: Path, datasets_dir: Path | None, harness_log: HarnessLog
+) -> Iterator[None]:
     with contextlib.ExitStack() as stack:
         stack.enter_context(_environment(_harness_environment(output_dir, datasets_dir)))
         stack.enter_context(_restored_signal_handlers())
         if datasets_dir is not None:
-            stack.enter_context(_working_directory(Path(datasets_dir)))
+            stack.enter_context(_working_directory(datasets_dir))
         # nemo-evaluator prints the harness's output to sys.stdout as it streams in.
         stack.enter_context(contextlib.redirect_stdout(harness_log))
         yield
@@ -295,7 +340,10 @@ def _evaluate(
         model_id=endpoint.model_name,
         type=benchmark.endpoint_type,
         # No interceptor and no hook: nemo-evaluator then starts no adapter proxy.
-        adapter_config={"interceptors": [{"name": "endpoint", "enabled": False}], "post_eval_hooks": []},
+        adapter_config={
+            "interceptors": [{"name": "endpoint", "enabled": False}],
+            "post_eval_hooks": [],
+        },
     )
     evaluate(
         eval_cfg=EvaluationConfig(type=benchmark.task, output_dir=str(output_dir), params=params),
@@ -315,8 +363,8 @@ def _ad_hoc_lm_eval_task(task: str) -> str | None:
 class HarnessLog:
     """A ``sys.stdout`` stand-in: writes the harness's output to a file, reports progress."""
 
-    # tqdm: "Requesting API:  45%|████▌     | 45/100 [00:02<00:03, 17.31it/s]"
-    _PROGRESS = re.compile(r"Requesting API:\s*\d+%\|[^|]*\|\s*(\d+)/(\d+)")
+    # tqdm: "\rRequesting API:  45%|████▌     | 45/100 [00:02<00:03, 17.31it/s]"
+    _PROGRESS = re.compile(r"Requesting API:\s*\d+%\|[^|]*\|\s*(\d+)/(\d+) \[")
 
     def __init__(self, path: Path, progress: ProgressCallback | None) -> None:
         self.path = path
@@ -325,12 +373,17 @@ class HarnessLog:
         self._terminal = sys.stdout  # where the callback's own prints belong
         self._started = time.monotonic()
         self._last_report = -math.inf
-        self._carry = ""  # an incomplete progress bar split across two writes
+        self._pending = ""  # the line being drawn: tqdm ends it with the next \r or \n
         self.first_request_at: float | None = None  # seconds after start
 
     def write(self, text: str) -> int:
         self._file.write(text)
-        self._watch_progress(self._carry + text)
+        # Only finished lines are parsed, so a bar split across writes is read once, whole.
+        *finished, self._pending = re.split(r"[\r\n]", self._pending + text)
+        for line in finished:
+            counts = self._PROGRESS.search(line)
+            if counts:
+                self._on_progress(int(counts[1]), int(counts[2]))
         return len(text)
 
     def flush(self) -> None:
@@ -343,23 +396,16 @@ class HarnessLog:
         text = self.path.read_text(encoding="utf-8", errors="replace")
         # tqdm redraws with carriage returns: keep the last state of each line.
         cleaned = [line.rsplit("\r", 1)[-1] for line in text.splitlines()]
-        return "\n".join(line for line in cleaned[-lines:])
+        return "\n".join(cleaned[-lines:])
 
-    def _watch_progress(self, text: str) -> None:
-        self._carry = text[-200:]
-        matches = self._PROGRESS.findall(text)
-        if not matches:
-            return
+    def _on_progress(self, done: int, total: int) -> None:
         now = time.monotonic() - self._started
         if self.first_request_at is None:
             self.first_request_at = now
-        done, total = (int(value) for value in matches[-1])
         if self._progress and (now - self._last_report >= PROGRESS_INTERVAL_S or done == total):
             self._last_report = now
             with contextlib.redirect_stdout(self._terminal):
                 self._progress(_progress_line(done, total, now - self.first_request_at))
-        if done == total:
-            self._carry = ""  # report the end once, not again from the carried text
 
 
 def _progress_line(done: int, total: int, elapsed_s: float) -> str:
@@ -371,7 +417,9 @@ def _progress_line(done: int, total: int, elapsed_s: float) -> str:
     return f"{line}, {rate:.1f} req/s{left}"
 
 
-def _failure_message(benchmark: Benchmark, output_dir: Path, error: Exception, harness_log: HarnessLog) -> str:
+def _failure_message(
+    benchmark: Benchmark, output_dir: Path, error: Exception, harness_log: HarnessLog
+) -> str:
     harness_log.flush()
     tail = harness_log.tail()
     # The harness's own error is the last line it printed; nemo-evaluator's exception only
@@ -391,9 +439,15 @@ def _last_line(text: str) -> str:
 
 def _hint(log_tail: str) -> str:
     if "OfflineModeIsEnabled" in log_tail or "Couldn't reach" in log_tail:
-        return "\nhint: a dataset is missing offline; write it into datasets_dir with pytest_mtserve.datasets.write_hub_dataset"
+        return (
+            "\nhint: a dataset is missing offline; write it into datasets_dir with "
+            "pytest_mtserve.datasets.write_hub_dataset"
+        )
     if "KeyError" in log_tail and "dataset_dict" in log_tail:
-        return "\nhint: a split the task reads is missing from the offline dataset (see pytest_mtserve.datasets)"
+        return (
+            "\nhint: a split the task reads is missing from the offline dataset "
+            "(see pytest_mtserve.datasets)"
+        )
     return ""
 
 
@@ -401,23 +455,29 @@ def _hint(log_tail: str) -> str:
 
 
 def _collect_result(
-    benchmark: Benchmark, output_dir: Path, limit: int | None, wall_time_s: float, harness_log: HarnessLog
+    benchmark: Benchmark,
+    output_dir: Path,
+    limit: int | None,
+    wall_time_s: float,
+    harness_log: HarnessLog,
 ) -> BenchmarkResult:
     samples = _read_samples(benchmark, output_dir)
     outcomes = _outcomes(samples, benchmark)
-    value, stderr = _reported_score(benchmark, output_dir)
-    mean = sum(outcomes.values()) / len(outcomes)
+    value = _reported_score(benchmark, output_dir)
+    mean = statistics.fmean(outcomes.values())
     if not math.isclose(mean, value, rel_tol=1e-9, abs_tol=1e-9):
         raise EvaluationError(
             f"{benchmark.name}: the harness reports {benchmark.metric} = {value} but its "
-            f"{len(outcomes)} per-question values average {mean}; output directory: {output_dir}"
+            f"{len(outcomes)} per-question values average {mean} (only a metric that is a mean "
+            f"over questions can be gated); output directory: {output_dir}"
         )
     startup = harness_log.first_request_at
     return BenchmarkResult(
         benchmark=benchmark.name,
         metric=benchmark.metric,
         value=value,
-        stderr=stderr,
+        # lm-eval reports no standard error for groups (mmlu): the same formula, for all.
+        stderr=_standard_error(list(outcomes.values())),
         n=len(outcomes),
         outcomes=outcomes,
         settings=_settings(benchmark, limit, samples, outcomes),
@@ -432,7 +492,9 @@ def _read_samples(benchmark: Benchmark, output_dir: Path) -> list[dict]:
     """The per-question records of the gating metric's filter, over all (sub)tasks."""
     files = sorted(output_dir.rglob("samples_*.jsonl"))
     if not files:
-        raise EvaluationError(f"{benchmark.name}: lm-eval wrote no samples_*.jsonl under {output_dir}")
+        raise EvaluationError(
+            f"{benchmark.name}: lm-eval wrote no samples_*.jsonl under {output_dir}"
+        )
     samples = []
     for path in files:
         task = path.name.removeprefix("samples_").rsplit("_", 1)[0]  # drop the timestamp
@@ -446,7 +508,8 @@ def _read_samples(benchmark: Benchmark, output_dir: Path) -> list[dict]:
     if not samples or missing:
         raise EvaluationError(
             f"{benchmark.name}: no per-question {benchmark.metric_name!r} for filter "
-            f"{benchmark.metric_filter!r} in {[path.name for path in files]}; check Benchmark.metric"
+            f"{benchmark.metric_filter!r} in {[path.name for path in files]}; "
+            "check Benchmark.metric"
         )
     return samples
 
@@ -464,29 +527,38 @@ def _outcomes(samples: list[dict], benchmark: Benchmark) -> dict[str, float]:
     return outcomes
 
 
-def _reported_score(benchmark: Benchmark, output_dir: Path) -> tuple[float, float | None]:
-    """The harness's aggregate (group score for mmlu-like tasks) and its standard error."""
-    import yaml
+def _reported_score(benchmark: Benchmark, output_dir: Path) -> float:
+    """The harness's score of the whole task: the group's for mmlu-like tasks."""
+    results_files = sorted(output_dir.rglob("results_*.json"))
+    if not results_files:
+        raise EvaluationError(
+            f"{benchmark.name}: lm-eval wrote no results_*.json under {output_dir}"
+        )
+    results = json.loads(results_files[-1].read_text(encoding="utf-8"))
+    subtasks = results.get("group_subtasks", {})
+    nested = {name for members in subtasks.values() for name in members}
+    top_level = [name for name in subtasks if name not in nested]
+    scores = {**results.get("results", {}), **results.get("groups", {})}
+    key = f"{benchmark.metric_name},{benchmark.metric_filter}"
+    if len(top_level) != 1 or key not in scores.get(top_level[0], {}):
+        reported = {name: sorted(scores.get(name, {})) for name in top_level}
+        raise EvaluationError(
+            f"{benchmark.name}: no {key!r} for one top-level task in {results_files[-1]}; "
+            f"reported: {reported}"
+        )
+    return float(scores[top_level[0]][key])
 
-    results_file = output_dir / "results.yml"
-    results = yaml.safe_load(results_file.read_text(encoding="utf-8"))["results"]
-    # A monolithic task is reported as its own group; a group task has one group entry.
-    for group in results.get("groups", {}).values():
-        metric = group.get("metrics", {}).get(benchmark.metric)
-        if metric:
-            score = metric["scores"][benchmark.metric]
-            return float(score["value"]), score.get("stats", {}).get("stderr")
-    raise EvaluationError(
-        f"{benchmark.name}: metric {benchmark.metric!r} missing from {results_file}; "
-        f"reported: {sorted(_reported_metrics(results))}"
-    )
+
+def _standard_error(values: list[float]) -> float | None:
+    """Sample standard deviation / sqrt(n), as lm-eval computes it for a mean."""
+    if len(values) < 2:
+        return None
+    return statistics.stdev(values) / math.sqrt(len(values))
 
 
-def _reported_metrics(results: dict) -> set[str]:
-    return {name for group in results.get("groups", {}).values() for name in group.get("metrics", {})}
-
-
-def _settings(benchmark: Benchmark, limit: int | None, samples: list[dict], outcomes: dict[str, float]) -> dict[str, Any]:
+def _settings(
+    benchmark: Benchmark, limit: int | None, samples: list[dict], outcomes: dict[str, float]
+) -> dict[str, Any]:
     return {
         "task": benchmark.task,
         "endpoint_type": benchmark.endpoint_type,
@@ -499,5 +571,5 @@ def _settings(benchmark: Benchmark, limit: int | None, samples: list[dict], outc
     }
 
 
-def _fingerprint(hashes: Iterator[str] | dict[str, float]) -> str:
+def _fingerprint(hashes: Iterable[str]) -> str:
     return hashlib.sha256("\n".join(sorted(hashes)).encode()).hexdigest()

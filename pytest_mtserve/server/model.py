@@ -9,6 +9,9 @@ import torch
 from pytest_mtserve.server.architecture import ModelArchitecture
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Core attention of the local spec: Megatron's unfused softmax(QK^T)V, or torch's fused
+# scaled_dot_product_attention (see sdpa_attention.py).
+ATTENTION_BACKENDS = ("unfused", "sdpa")
 
 
 def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
@@ -20,7 +23,14 @@ def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
     return _DTYPES[requested]
 
 
-def build_model(arch: ModelArchitecture, *, device: torch.device, dtype: torch.dtype, max_sequence_length: int):
+def build_model(
+    arch: ModelArchitecture,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    max_sequence_length: int,
+    attention_backend: str = "unfused",
+):
     """An inference-mode GPTModel with the local layer spec, sharded over the current TP group."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -36,6 +46,12 @@ def build_model(arch: ModelArchitecture, *, device: torch.device, dtype: torch.d
         perform_initialization=False,  # the weights come from the checkpoint
     )
     spec = get_gpt_layer_local_spec(normalization=arch.normalization, qk_layernorm=arch.qk_layernorm)
+    if attention_backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {attention_backend!r}: use {' or '.join(ATTENTION_BACKENDS)}")
+    if attention_backend == "sdpa":
+        from pytest_mtserve.server.sdpa_attention import SdpaCoreAttention
+
+        spec.submodules.self_attention.submodules.core_attention = SdpaCoreAttention
     model = GPTModel(
         config=config,
         transformer_layer_spec=spec,

@@ -107,6 +107,9 @@ class _TokenTexts:
 
     def __init__(self, tokenizer: Any) -> None:
         self._tokenizer = tokenizer
+        # A token's text alone never depends on its neighbours, so caching it is exact; an
+        # echoed prompt needs one piece per token plus one per top alternative.
+        self._pieces: dict[int, str] = {}
 
     def encode(self, text: str) -> list[int]:
         return list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -115,7 +118,10 @@ class _TokenTexts:
         return self._tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
 
     def pieces(self, token_ids: Sequence[int]) -> list[str]:
-        return self._tokenizer.batch_decode([[token_id] for token_id in token_ids])
+        missing = [token_id for token_id in set(token_ids) if token_id not in self._pieces]
+        if missing:
+            self._pieces.update(zip(missing, self._tokenizer.batch_decode([[token_id] for token_id in missing])))
+        return [self._pieces[token_id] for token_id in token_ids]
 
 
 def create_app(*, model_name: str, tokenizer: Any, max_seq_length: int, client: InferenceClient) -> FastAPI:

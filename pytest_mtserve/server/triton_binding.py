@@ -33,6 +33,11 @@ ERROR_KEY = "error"  # a response row {"error": "..."} reports that the engine f
 # (~2.5 s measured), else tritonserver exits at once and leaves its /dev/shm regions behind.
 # Open keep-alive connections make it wait the whole time: close clients before stopping.
 EXIT_TIMEOUT_S = 8
+WORKSPACE_PREFIX = "mtserve_triton_"
+# PyTriton puts its IPC sockets in the workspace. A Unix socket path is at most 107 bytes;
+# a longer one (a deep $HOME, as under pytester) fails deep inside the Python backend, as
+# an EOFError while Triton loads the model.
+MAX_UNIX_SOCKET_PATH = 107
 
 
 class TritonUnavailableError(RuntimeError):
@@ -72,13 +77,14 @@ class TritonEngineServer:
         Call from the main thread: tritonserver gets a parent-death signal tied to the
         thread that starts it, so a short-lived thread would take the server down with it.
         """
-        from pytriton.constants import PYTRITON_HOME
-
         port = self._requested_port or pick_free_port(self._host)
         ensure_port_free(self._host, port, "Triton HTTP", option="--triton-port")
+        from pytriton.constants import PYTRITON_HOME  # after the check: importing takes seconds
+
         _put_own_libpython_first()
-        PYTRITON_HOME.mkdir(parents=True, exist_ok=True)
-        self._workspace_root = Path(tempfile.mkdtemp(prefix="mtserve_triton_", dir=PYTRITON_HOME))
+        parent = self._workspace_parent(PYTRITON_HOME)
+        parent.mkdir(parents=True, exist_ok=True)
+        self._workspace_root = Path(tempfile.mkdtemp(prefix=WORKSPACE_PREFIX, dir=parent))
         try:
             self._triton = self._bound_triton(port, self._workspace_root / "workspace")
             self._triton.run()
@@ -86,6 +92,20 @@ class TritonEngineServer:
             self.stop()
             raise
         self.url = f"http://{self._host}:{port}"
+
+    def _workspace_parent(self, pytriton_home: Path) -> Path:
+        """``PYTRITON_HOME``, or the system's temporary directory where the home's path is
+        too long for the workspace's sockets."""
+        for parent in (pytriton_home, Path(tempfile.gettempdir())):
+            # mkdtemp adds 8 characters; the longest socket is the model instance's.
+            socket = parent / f"{WORKSPACE_PREFIX}{'x' * 8}/workspace/{self.triton_model_name}_0_0-server.sock"
+            if len(os.fsencode(socket)) <= MAX_UNIX_SOCKET_PATH:
+                return parent
+        raise RuntimeError(
+            f"the Triton workspace's socket paths would exceed {MAX_UNIX_SOCKET_PATH} bytes under "
+            f"PYTRITON_HOME ({pytriton_home}) and the temporary directory; set PYTRITON_HOME "
+            "or TMPDIR to a short path"
+        )
 
     def _bound_triton(self, port: int, workspace: Path) -> Any:
         from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor

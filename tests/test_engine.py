@@ -1,0 +1,131 @@
+"""The engine on the tiny model, in this process (TP1, CPU, float32)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from pytest_mtserve.server.work import SamplingParams, WorkItem
+
+TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="module")
+def local_model(tiny_checkpoint: Path):
+    from pytest_mtserve.server.local_model import load_model
+
+    return load_model(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(local_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(local_model.info.tokenizer_dir))
+
+
+@pytest.fixture(scope="module")
+def make_engine(local_model, tokenizer):
+    from pytest_mtserve.server.engine import InferenceEngine
+
+    def make(eos_token_ids: set[int] | None = None) -> InferenceEngine:
+        return InferenceEngine(
+            local_model.runner,
+            is_leader=True,
+            share_tokens=lambda tokens: tokens,
+            eos_token_ids={tokenizer.eos_token_id} if eos_token_ids is None else eos_token_ids,
+            detokenizer=tokenizer,
+        )
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer) -> list[list[int]]:
+    texts = ["Question: What color is the sky?\nAnswer: blue", "Hello", "The capital of France is Paris, and the capital of Italy is"]
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def reference_logprobs(local_model, tokens: list[int]) -> list[float]:
+    """log p(token_i | tokens_<i) from one plain full forward pass."""
+    logits = local_model.logits(torch.tensor([tokens]))[0]
+    logprobs = torch.log_softmax(logits, dim=-1)
+    return [float(logprobs[i - 1, tokens[i]]) for i in range(1, len(tokens))]
+
+
+def assert_close(left: list[float], right: list[float]) -> None:
+    assert len(left) == len(right)
+    assert max((abs(a - b) for a, b in zip(left, right)), default=0.0) <= TOLERANCE
+
+
+def test_echo_returns_the_models_log_probs_for_every_prompt_token(make_engine, local_model, prompts) -> None:
+    result = make_engine().run([WorkItem(prompts[0], max_tokens=0, logprobs=3, echo=True)])[0]
+    assert result.output_tokens == []
+    assert result.prompt_logprobs[0] is None and result.prompt_top_logprobs[0] is None
+    assert_close(result.prompt_logprobs[1:], reference_logprobs(local_model, prompts[0]))
+    for position, top in enumerate(result.prompt_top_logprobs[1:]):
+        assert len(top) == 3
+        assert max(top.values()) >= result.prompt_logprobs[position + 1] - TOLERANCE
+
+
+def test_kv_cached_generation_matches_a_full_forward(make_engine, local_model, prompts) -> None:
+    result = make_engine(eos_token_ids=set()).run([WorkItem(prompts[2], max_tokens=6, logprobs=1)])[0]
+    assert len(result.output_tokens) == 6 and result.finish_reason == "length"
+    full = reference_logprobs(local_model, prompts[2] + result.output_tokens)
+    assert_close(result.output_logprobs, full[len(prompts[2]) - 1 :])
+    greedy = [max(top, key=top.get) for top in result.output_top_logprobs]
+    assert greedy == result.output_tokens
+
+
+def test_a_request_gets_the_same_result_alone_or_in_a_mixed_batch(make_engine, prompts) -> None:
+    engine = make_engine(eos_token_ids=set())
+    items = [
+        WorkItem(prompts[0], max_tokens=1, logprobs=1, echo=True),
+        WorkItem(prompts[1], max_tokens=5, sampling=SamplingParams(temperature=0.9, top_p=0.95, seed=11), logprobs=2),
+        WorkItem(prompts[2], max_tokens=4, sampling=SamplingParams(temperature=0.7, top_k=20, seed=5), logprobs=0, echo=True),
+        WorkItem(prompts[1], max_tokens=3, logprobs=1),
+    ]
+    batched = engine.run(items)
+    for item, together in zip(items, batched):
+        alone = engine.run([item])[0]
+        assert together.output_tokens == alone.output_tokens
+        assert_close(together.output_logprobs, alone.output_logprobs)
+        assert_close((together.prompt_logprobs or [None])[1:], (alone.prompt_logprobs or [None])[1:])
+
+
+def test_seeded_sampling_is_reproducible_and_seed_dependent(make_engine, prompts) -> None:
+    engine = make_engine(eos_token_ids=set())
+
+    def sample(seed: int) -> list[int]:
+        item = WorkItem(prompts[1], max_tokens=12, sampling=SamplingParams(temperature=1.0, seed=seed))
+        return engine.run([item])[0].output_tokens
+
+    assert sample(3) == sample(3)
+    assert len({tuple(sample(seed)) for seed in range(4)}) > 1
+
+
+def test_top_k_one_is_greedy(make_engine, prompts) -> None:
+    engine = make_engine(eos_token_ids=set())
+    greedy = engine.run([WorkItem(prompts[2], max_tokens=5)])[0].output_tokens
+    sampled = engine.run([WorkItem(prompts[2], max_tokens=5, sampling=SamplingParams(temperature=1.0, top_k=1, seed=1))])[0]
+    assert sampled.output_tokens == greedy
+
+
+def test_stop_strings_end_generation_and_are_reported(make_engine, prompts, tokenizer) -> None:
+    engine = make_engine(eos_token_ids=set())
+    free = engine.run([WorkItem(prompts[2], max_tokens=8)])[0].output_tokens
+    stop = tokenizer.decode(free[2:4])
+    stopped = engine.run([WorkItem(prompts[2], max_tokens=8, stop=[stop])])[0]
+    assert stopped.finish_reason == "stop" and stopped.stop_string == stop
+    assert stopped.output_tokens == free[: len(stopped.output_tokens)]
+    assert len(stopped.output_tokens) <= 4
+
+
+def test_eos_stops_unless_ignored(make_engine, prompts) -> None:
+    first = make_engine(eos_token_ids=set()).run([WorkItem(prompts[0], max_tokens=4)])[0].output_tokens[0]
+    engine = make_engine(eos_token_ids={first})
+    assert engine.run([WorkItem(prompts[0], max_tokens=4)])[0].output_tokens == [first]
+    assert engine.run([WorkItem(prompts[0], max_tokens=4)])[0].finish_reason == "stop"
+    assert len(engine.run([WorkItem(prompts[0], max_tokens=4, ignore_eos=True)])[0].output_tokens) == 4

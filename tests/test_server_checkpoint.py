@@ -1,0 +1,97 @@
+"""Finding and validating checkpoints: every bad input fails early with the path and the fix."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pytest_mtserve.server.architecture import ArchitectureError
+from pytest_mtserve.server.checkpoint import CheckpointError, locate_checkpoint
+
+
+@pytest.fixture()
+def run_dir(tiny_checkpoint: Path, tmp_path: Path) -> Path:
+    """A private copy of the tiny run directory that a test may break."""
+    copy = tmp_path / "run"
+    shutil.copytree(tiny_checkpoint, copy)
+    return copy
+
+
+def test_run_directory_resolves_to_its_latest_iteration(run_dir: Path) -> None:
+    info = locate_checkpoint(run_dir)
+    assert info.iteration_dir == run_dir / "iter_0000001"
+    assert info.iteration == 1
+    assert info.architecture.num_attention_heads == 16
+    assert info.architecture.padded_vocab_size == 1024  # read from the shards' metadata
+    assert (info.tokenizer_dir / "tokenizer.json").exists()
+
+
+def test_iteration_folder_is_accepted_directly(run_dir: Path) -> None:
+    assert locate_checkpoint(run_dir / "iter_0000001").iteration == 1
+
+
+def test_megatron_lm_marker_and_highest_number(run_dir: Path) -> None:
+    shutil.copytree(run_dir / "iter_0000001", run_dir / "iter_0000020")
+    shutil.copytree(run_dir / "iter_0000001", run_dir / "iter_0000300")
+    (run_dir / "latest_train_state.pt").unlink()
+    (run_dir / "latest_checkpointed_iteration.txt").write_text("20\n")
+    assert locate_checkpoint(run_dir).iteration == 20
+    (run_dir / "latest_checkpointed_iteration.txt").unlink()
+    assert locate_checkpoint(run_dir).iteration == 300
+
+
+@pytest.mark.parametrize(
+    ("breakage", "message"),
+    [
+        (lambda d: shutil.rmtree(d), "does not exist"),
+        (lambda d: [shutil.rmtree(d / "iter_0000001"), (d / "latest_train_state.pt").unlink()], "no iter_NNNNNNN folder"),
+        (lambda d: (d / "latest_train_state.pt").unlink() or (d / "latest_checkpointed_iteration.txt").write_text("7"), "iter_0000007 is missing"),
+        (lambda d: (d / "iter_0000001" / "run_config.yaml").unlink(), "run_config.yaml is missing"),
+        (lambda d: (d / "iter_0000001" / "run_config.yaml").write_text("model: [unclosed"), "cannot parse"),
+        (lambda d: (d / "iter_0000001" / "run_config.yaml").write_text("trainer: {}\n"), "no model: mapping"),
+        (lambda d: shutil.rmtree(d / "iter_0000001" / "tokenizer"), "no Hugging Face tokenizer"),
+        (lambda d: (d / "iter_0000001" / "metadata.json").unlink(), "holds no torch_dist weights"),
+    ],
+    ids=["missing-path", "no-iteration", "dangling-marker", "no-run-config", "bad-yaml", "no-model-section", "no-tokenizer", "no-shards"],
+)
+def test_bad_checkpoints_name_the_problem(run_dir: Path, breakage, message: str) -> None:
+    breakage(run_dir)
+    with pytest.raises(CheckpointError, match=message) as error:
+        locate_checkpoint(run_dir)
+    assert str(run_dir) in str(error.value)
+
+
+def test_missing_architecture_field_is_named(run_dir: Path) -> None:
+    config_file = run_dir / "iter_0000001" / "run_config.yaml"
+    config = yaml.safe_load(config_file.read_text())
+    del config["model"]["num_layers"]
+    config_file.write_text(yaml.safe_dump(config))
+    with pytest.raises(CheckpointError, match="model.num_layers is missing"):
+        locate_checkpoint(run_dir)
+
+
+@pytest.mark.parametrize(("tp", "pp", "message"), [(3, 1, r"--tp 3 does not divide .*num_attention_heads \(16\).*\[1, 2, 4, 8\]"), (1, 2, "--pp 2: pipeline parallelism is not supported")])
+def test_parallelism_the_model_cannot_take_is_refused(tiny_checkpoint: Path, tp: int, pp: int, message: str) -> None:
+    with pytest.raises(ArchitectureError, match=message):
+        locate_checkpoint(tiny_checkpoint).architecture.check_parallelism(tp, pp)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--checkpoint", "/nonexistent/ckpt"], "checkpoint path /nonexistent/ckpt does not exist"), (["--tp", "3"], "--tp 3 does not divide")],
+    ids=["missing-checkpoint", "bad-tp"],
+)
+def test_server_command_refuses_bad_input_quickly(tiny_checkpoint: Path, args: list[str], message: str) -> None:
+    command = [sys.executable, "-m", "pytest_mtserve.server", "--checkpoint", str(tiny_checkpoint), *args]
+    started = time.monotonic()
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert time.monotonic() - started < 60  # no process group was started
