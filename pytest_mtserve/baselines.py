@@ -8,6 +8,7 @@ update shows in a diff as the questions that flipped.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import importlib.metadata
 import json
 import math
@@ -15,6 +16,7 @@ import os
 import re
 import secrets
 import shlex
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +24,7 @@ from typing import Any, Protocol
 
 import filelock
 
-from pytest_mtserve.statistics import pairing_keys
+from pytest_mtserve.statistics import Scored, pairing_keys
 
 SCHEMA_VERSION = 1
 # Distributions whose versions say what produced a baseline; looked up, never imported.
@@ -47,21 +49,13 @@ class BaselineError(Exception):
     """A baseline file or store that cannot be used; the message names the file and the fix."""
 
 
-class BenchmarkResultLike(Protocol):
+class BenchmarkResultLike(Scored, Protocol):
     """What ``evaluation.BenchmarkResult`` offers (kept structural: no import needed)."""
 
     @property
     def benchmark(self) -> str: ...
     @property
     def metric(self) -> str: ...
-    @property
-    def value(self) -> float: ...
-    @property
-    def stderr(self) -> float | None: ...
-    @property
-    def n(self) -> int: ...
-    @property
-    def outcomes(self) -> Mapping[str, float]: ...
     @property
     def settings(self) -> Mapping[str, Any]: ...
 
@@ -134,6 +128,14 @@ class Baseline:
         )
 
 
+def _lock_path(path: Path) -> Path:
+    """The lock of one baseline file, outside the user's tree (filelock never deletes it)."""
+    digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:24]
+    folder = Path(tempfile.gettempdir()) / "pytest-mtserve-locks"
+    folder.mkdir(exist_ok=True)
+    return folder / f"{path.name}.{digest}.lock"
+
+
 class BaselineStore:
     """The baselines of one model: ``<root>/<model_id>/<benchmark>.json``."""
 
@@ -170,7 +172,7 @@ class BaselineStore:
         """
         path = self.path_for(baseline.benchmark)
         path.parent.mkdir(parents=True, exist_ok=True)
-        lock_path = f"{path}.lock"
+        lock_path = _lock_path(path)
         try:
             with filelock.FileLock(lock_path, timeout=self.lock_timeout_s):
                 previous = self._previous(baseline.benchmark)

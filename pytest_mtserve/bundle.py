@@ -33,6 +33,7 @@ SERVER_REQUIREMENTS = (
     "numpy==1.26.4",  # pytriton pins numpy<2
     "tritonclient==2.73.0",  # pytriton.client -> tritonclient.http -> geventhttpclient
     "python-rapidjson==1.25",
+    "ml-dtypes==0.5.4",  # tritonclient pins <=0.5.4; newer ones fail to import under numpy 1.x
     "geventhttpclient==2.6.1",
     "gevent==26.9.0",
     "greenlet==3.3.2",
@@ -104,7 +105,7 @@ def build_bundle(
         _build_own_wheel(downloads)
         wheels.mkdir(parents=True)
         for wheel in sorted(downloads.glob("*.whl")):
-            _restore_uncompressed(wheel, wheels / wheel.name, keep=_pytriton_filter(python_version))
+            _repack_uncompressed(wheel, wheels / wheel.name, keep=_pytriton_filter(python_version))
         _write_installer(root)
         archive = output_dir / f"{root.name}.tar.xz"
         with tarfile.open(archive, "w:xz", preset=6) as tar:
@@ -155,7 +156,7 @@ def _pytriton_filter(python_version: str):
     return keep
 
 
-def _restore_uncompressed(source: Path, target: Path, *, keep) -> None:
+def _repack_uncompressed(source: Path, target: Path, *, keep) -> None:
     """Copy a wheel with its members stored, not deflated, dropping what ``keep`` refuses.
 
     pip does not check RECORD hashes of a wheel it installs, but RECORD must list only

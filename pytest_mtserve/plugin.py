@@ -184,8 +184,10 @@ _OPTIONS = (
             "per benchmark as NAME=N, e.g. 100,mmlu=2.", _limits, metavar="N[,NAME=N]"),
     _Option("--parallelism", "Concurrent requests the evaluation sends.", _positive_int, "8",
             metavar="N"),
-    _Option("--request-timeout", "Seconds before one request to the server counts as failed.",
-            _positive_float, "300", metavar="SECONDS"),
+    _Option("--request-timeout", "Seconds before a request to the server counts as failed. "
+            "lm-eval includes the time a request waits for one of its --parallelism "
+            "connections, so this bounds a whole benchmark run: raise it for long CPU runs.",
+            _positive_float, "3600", metavar="SECONDS"),
     _Option("--baselines-dir", "Where baselines live, relative to the rootdir.", str,
             "baselines", metavar="DIR"),
     _Option("--model-id", "Baseline folder of this model (default: the checkpoint's run "

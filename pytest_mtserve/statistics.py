@@ -153,19 +153,13 @@ def _tolerance_gate(baseline: Scored, candidate: Scored, tolerance: float) -> Ga
     # A score equal to the threshold passes even when float rounding puts it a hair below.
     failed = candidate.value < threshold and not math.isclose(candidate.value, threshold)
     relation = "below" if failed else "at or above"
-    return GateResult(
-        verdict="fail" if failed else "pass",
-        method="tolerance",
-        delta=candidate.value - baseline.value,
-        ci_low=None,
-        ci_high=None,
-        p_value=None,
-        n_paired=0,
-        discordant=None,
-        reason=(
-            f"current {candidate.value:.4f} is {relation} the threshold {threshold:.4f} "
-            f"(baseline {baseline.value:.4f} x (1 - {tolerance:g}))"
-        ),
+    return _untested(
+        "fail" if failed else "pass",
+        "tolerance",
+        baseline,
+        candidate,
+        f"current {candidate.value:.4f} is {relation} the threshold {threshold:.4f} "
+        f"(baseline {baseline.value:.4f} x (1 - {tolerance:g}))",
     )
 
 
@@ -242,20 +236,29 @@ def _pairing_note(base: dict[str, float], cand: dict[str, float]) -> str:
     )
 
 
-def _undecidable(baseline: Scored, candidate: Scored, note: str) -> GateResult:
+def _untested(verdict: Verdict, method: str, baseline: Scored, candidate: Scored, reason: str) -> GateResult:
+    """A verdict reached without a statistical test: no p-value, no interval."""
     return GateResult(
-        verdict="fail",
-        method="none",
+        verdict=verdict,
+        method=method,
         delta=candidate.value - baseline.value,
         ci_low=None,
         ci_high=None,
         p_value=None,
         n_paired=0,
         discordant=None,
-        reason=(
-            "cannot test: no shared per-question outcomes and no standard error on both sides; "
-            "re-record the baseline with --update-baselines, or gate with a tolerance" + note
-        ),
+        reason=reason,
+    )
+
+
+def _undecidable(baseline: Scored, candidate: Scored, note: str) -> GateResult:
+    return _untested(
+        "fail",
+        "none",
+        baseline,
+        candidate,
+        "cannot test: no shared per-question outcomes and no standard error on both sides; "
+        "re-record the baseline with --update-baselines, or gate with a tolerance" + note,
     )
 
 

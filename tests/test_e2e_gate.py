@@ -29,14 +29,15 @@ import pytest
 from conftest import write_in_subprocess
 from pytest_mtserve.benchmarks import DEFAULT_REGISTRY
 from pytest_mtserve.datasets import MMLU_SUBJECTS, write_hub_dataset
+from pytest_mtserve.evaluation import Endpoint, EvaluationError, run_benchmark
 from pytest_mtserve.testing_data import (
     ARC_QUESTIONS_PER_SPLIT,
     MMLU_DEV_QUESTIONS_PER_SUBJECT,
     arc_rows,
+    gsm8k_rows,
     mmlu_rows,
 )
 
-pytestmark = pytest.mark.slow
 pytest_plugins = ["pytester"]
 
 MODEL_ID = "tiny"  # every run gates against baselines/tiny/, whatever checkpoint it serves
@@ -161,6 +162,7 @@ def processes_mentioning(*markers: Path) -> list[str]:
 # ----------------------------------------------------------------------------- tests
 
 
+@pytest.mark.slow
 def test_recorded_baselines_pass_again_with_one_shared_server_under_xdist(
     pytester: pytest.Pytester, tiny_checkpoint: Path
 ) -> None:
@@ -204,6 +206,7 @@ def check_baseline_file(path: Path, name: str, checkpoint: Path) -> None:
     assert baseline["provenance"]["versions"]["nvidia-lm-eval"]
 
 
+@pytest.mark.slow
 def test_missing_baseline_names_its_command_and_a_damaged_checkpoint_fails(
     pytester: pytest.Pytester, tiny_checkpoint: Path, damaged_checkpoint: Path
 ) -> None:
@@ -244,3 +247,14 @@ def run_shell(command: str, cwd: Path) -> subprocess.CompletedProcess[str]:
         command, shell=True, cwd=cwd, env={**os.environ, "PATH": path},
         capture_output=True, text=True, timeout=600, check=False,
     )  # fmt: skip
+
+
+def test_offline_dataset_named_like_its_task_is_a_clear_error(tmp_path: Path) -> None:
+    # lm-eval would take datasets/gsm8k/ for a folder of task YAMLs and run nothing.
+    write_hub_dataset(tmp_path, "gsm8k", {"main": {"test": gsm8k_rows(random.Random(1), 2)}})
+    unreachable = Endpoint("http://127.0.0.1:9", "model")  # the check comes before any request
+    with pytest.raises(EvaluationError, match=r"dataset folder 'gsm8k', named like the lm-eval task"):
+        run_benchmark(
+            DEFAULT_REGISTRY.get("gsm8k"), unreachable, tmp_path / "out",
+            limit=1, parallelism=1, request_timeout=1, datasets_dir=tmp_path,
+        )  # fmt: skip

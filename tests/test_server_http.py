@@ -133,3 +133,13 @@ def test_stopping_leaves_no_process_port_or_shared_memory(start_tiny_server) -> 
         assert probe.connect_ex(("127.0.0.1", port)) != 0
     leftovers = {name for name in set(os.listdir("/dev/shm")) - shm_before if "pytrtion" in name or "triton" in name}
     assert not leftovers
+
+
+def test_tp8_on_cpu_matches_tp1(tiny_server_tp1, start_tiny_server) -> None:
+    """Eight gloo ranks (the headline --tp 8, without GPUs): the same log-probs as one rank."""
+    tp8 = start_tiny_server("--tp", "8")
+    try:
+        for prompt in PROMPTS[:2]:
+            assert_close(echo_logprobs(tp8, prompt), echo_logprobs(tiny_server_tp1, prompt))
+    finally:
+        tp8.stop()

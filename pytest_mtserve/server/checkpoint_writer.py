@@ -76,3 +76,26 @@ def _save_weights(arch, state_dict: dict[str, torch.Tensor], directory: Path) ->
             shutdown_parallel()
     metadata = json.loads((directory / "metadata.json").read_text())
     assert metadata.get("sharded_backend") == "torch_dist", metadata
+
+
+def write_perturbed_copy(source: Path, destination: Path, *, relative_noise: float, seed: int = 0) -> Path:
+    """Copy a checkpoint with Gaussian noise added to every weight matrix (for gate tests).
+
+    Each matrix gets noise of ``relative_noise`` times its own standard deviation, so the
+    copy is the same architecture, tokenizer and layout, only worse. Norm weights are kept.
+    """
+    from pytest_mtserve.server.local_model import load_model
+
+    loaded = load_model(source)
+    info = loaded.info
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, tensor in loaded.runner.model.state_dict().items():
+        if name.endswith("_extra_state"):
+            continue
+        tensor = tensor.detach().float().clone()
+        if tensor.dim() == 2:
+            tensor += torch.randn(tensor.shape, generator=generator) * tensor.std() * relative_noise
+        state[name] = tensor
+    model_config = yaml.safe_load((info.iteration_dir / "run_config.yaml").read_text())["model"]
+    return write_checkpoint(destination, model_config=model_config, state_dict=state, tokenizer_dir=info.tokenizer_dir)
