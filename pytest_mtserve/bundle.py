@@ -63,14 +63,16 @@ EVAL_REQUIREMENTS = (
     "datasets==5.2.0", "dill==0.4.1", "multiprocess==0.70.19", "evaluate==0.4.6",
     "jsonlines==4.0.0", "more-itertools==11.2.1", "numexpr==2.14.2", "pytablewriter==1.2.1",
     "dataproperty==1.1.1", "mbstrdecoder==1.1.5", "chardet==6.0.0.post1", "pathvalidate==3.3.1",
-    "tabledata==1.3.5", "tcolorpy==0.1.7", "typepy==1.3.5", "rouge-score==0.1.2", "nltk==3.10.4",
-    "sqlitedict==2.1.0", "tqdm-multiprocess==0.0.11", "word2number==1.1", "zstandard==0.25.0",
-    "langdetect==1.0.9", "immutabledict==4.2.0", "structlog==26.1.0", "flask==3.1.3",
+    "tabledata==1.3.5", "tcolorpy==0.1.7", "typepy==1.3.5", "nltk==3.10.4",
+    "tqdm-multiprocess==0.0.11", "zstandard==0.25.0", "immutabledict==4.2.0", "structlog==26.1.0", "flask==3.1.3",
     "itsdangerous==2.2.0", "blinker==1.9.0", "waitress==3.0.2", "openai==3.57.0", "jiter==0.19.0",
     "tenacity==9.2.1", "yq==4.4.5", "xmltodict==1.0.4", "tomlkit==0.15.2", "argcomplete==3.7.2",
     "beautifulsoup4==4.13.1", "soupsieve==4.1.3", "defusedxml==0.7.1", "truststore==0.10.5",
     "httpx2==2.16.2", "httpcore2==2.16.2", "tree-sitter==0.26.1", "tree-sitter-python==0.25.0",
 )  # fmt: skip
+# Pure-Python packages of the evaluation stack published as source only: built into
+# py3-none-any wheels here, so the GPU host needs no build tools.
+EVAL_SOURCE_ONLY = ("rouge-score==0.1.2", "sqlitedict==2.1.0", "word2number==1.1", "langdetect==1.0.9")
 
 # pip matches manylinux tags exactly: list every glibc level a wheel may be tagged with.
 DEFAULT_PLATFORMS = tuple(f"manylinux_2_{n}_x86_64" for n in (17, 24, 26, 27, 28, 31, 34, 35)) + (
@@ -102,7 +104,9 @@ def build_bundle(
         wheels = root / "wheels"
         downloads = Path(scratch) / "downloads"
         _download_wheels(requirements, downloads, python_version, platforms)
-        _build_own_wheel(downloads)
+        if with_eval:
+            _build_wheels(list(EVAL_SOURCE_ONLY), downloads, "pip wheel (source-only evaluation packages)")
+        _build_wheels([str(_source_tree())], downloads, "pip wheel (this project)", isolated=False)
         wheels.mkdir(parents=True)
         for wheel in sorted(downloads.glob("*.whl")):
             _repack_uncompressed(wheel, wheels / wheel.name, keep=_pytriton_filter(python_version))
@@ -121,13 +125,19 @@ def _download_wheels(requirements: tuple[str, ...], dest: Path, python_version: 
     _run(command, "pip download", "check the package index is reachable and the pins exist for that Python")
 
 
-def _build_own_wheel(dest: Path) -> None:
+def _source_tree() -> Path:
     source = Path(__file__).resolve().parent.parent
     if not (source / "pyproject.toml").is_file():
         raise BundleError(f"{source} has no pyproject.toml: run `mtserve bundle` from a source checkout of pytest-mtserve")
-    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-               "--disable-pip-version-check", "--quiet", "--wheel-dir", str(dest), str(source)]  # fmt: skip
-    _run(command, "pip wheel (this project)", "install setuptools and wheel in this environment")
+    return source
+
+
+def _build_wheels(requirements: list[str], dest: Path, step: str, *, isolated: bool = True) -> None:
+    # This project builds with the environment's own setuptools (no index needed for it).
+    isolation = [] if isolated else ["--no-build-isolation"]
+    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation,
+               "--disable-pip-version-check", "--quiet", "--wheel-dir", str(dest), *requirements]  # fmt: skip
+    _run(command, step, "check the package index is reachable and setuptools and wheel are installed")
 
 
 def _run(command: list[str], step: str, advice: str) -> None:

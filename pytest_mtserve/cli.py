@@ -64,7 +64,8 @@ def _run_demo(args: argparse.Namespace) -> int:
     return int(pytest.main([
         "--pyargs", "pytest_mtserve.suite", "-p", "no:cacheprovider",
         "--checkpoint", "demo", "--benchmarks", args.benchmarks, "--limit-samples", args.limit_samples,
-        "--baselines-dir", str(demo_baselines_dir()), *extra,
+        # The = form: pytest reads a separate path as a test path before plugins load.
+        f"--baselines-dir={demo_baselines_dir()}", *extra,
     ]))  # fmt: skip
 
 

@@ -291,8 +291,49 @@ def _read_options(config: pytest.Config) -> MtserveOptions:
             f"iter_NNNNNNN folder, or '{DEMO_CHECKPOINT}'"
         )
     return MtserveOptions(
-        **values, update_baselines=bool(config.getoption("update_baselines")), rootdir=config.rootpath
+        **values, update_baselines=bool(config.getoption("update_baselines")), rootdir=_project_dir(config)
     )
+
+
+_PATH_FLAGS = ("--checkpoint", "--datasets-dir", "--tokenizer", "--baselines-dir", "--mtserve-report")
+_INI_FILES = {"pytest.ini": "", ".pytest.ini": "", "pyproject.toml": "[tool.pytest", "tox.ini": "[pytest]", "setup.cfg": "[tool:pytest]"}
+
+
+def _project_dir(config: pytest.Config) -> Path:
+    """Where relative --baselines-dir resolves: the rootdir, unless pytest got it wrong.
+
+    pytest picks its rootdir and ini file before it loads this plugin, so in
+    ``pytest --checkpoint /ckpts/run`` it takes /ckpts/run for a test path. Without an ini
+    file that only moves the rootdir (we use the invocation directory instead); with one,
+    pytest has silently ignored it, and the run must not go on as if it had not.
+    """
+    args = list(config.invocation_params.args)
+    invocation = Path(config.invocation_params.dir)
+    misread = [value for flag, value in zip(args, args[1:]) if flag in _PATH_FLAGS and _outside(Path(value), invocation)]
+    if not misread or config.getoption("rootdir", None) or config.inipath is not None:
+        return config.rootpath
+    ignored = _ini_file_above(invocation)
+    if ignored is not None:
+        flag = args[args.index(misread[0]) - 1]
+        raise pytest.UsageError(
+            f"pytest read {misread[0]!r} as a test path before pytest-mtserve was loaded and so "
+            f"ignored {ignored}; write {flag}={misread[0]} (with '=')"
+        )
+    return invocation
+
+
+def _outside(path: Path, directory: Path) -> bool:
+    path = (directory / path).resolve()
+    return path.exists() and not path.is_relative_to(directory.resolve())
+
+
+def _ini_file_above(directory: Path) -> Path | None:
+    for folder in (directory, *directory.parents):
+        for name, marker in _INI_FILES.items():
+            candidate = folder / name
+            if candidate.is_file() and marker in candidate.read_text(errors="replace"):
+                return candidate
+    return None
 
 
 def _option_value(config: pytest.Config, option: _Option) -> Any:

@@ -53,7 +53,7 @@ def test_other_wheels_are_copied_whole(tmp_path):
 
 
 def test_the_pins_name_each_package_once():
-    names = [requirement.split("==")[0].lower() for requirement in bundle.SERVER_REQUIREMENTS + bundle.EVAL_REQUIREMENTS]
+    names = [requirement.split("==")[0].lower() for requirement in bundle.SERVER_REQUIREMENTS + bundle.EVAL_REQUIREMENTS + bundle.EVAL_SOURCE_ONLY]
     assert len(names) == len(set(names)), "two versions of one package would stop the whole install"
     assert "numpy==1.26.4" in bundle.SERVER_REQUIREMENTS  # pytriton needs numpy<2
 

@@ -26,7 +26,7 @@ def demo_assets():
 
 
 def test_the_demo_passes_against_its_committed_baselines(demo_assets, tmp_path: Path) -> None:
-    result = run([sys.executable, "-m", "pytest_mtserve.cli", "demo", "--", "--mtserve-report", str(tmp_path / "report.json")], tmp_path)
+    result = run([sys.executable, "-m", "pytest_mtserve.cli", "demo", "--", f"--mtserve-report={tmp_path / 'report.json'}"], tmp_path)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert "mtserve benchmark gate" in result.stdout
     for benchmark in ("mmlu", "arc_challenge", "arc_easy"):
@@ -42,9 +42,9 @@ def test_a_perturbed_copy_of_the_demo_model_fails_the_gate(demo_assets, tmp_path
     subprocess.run([sys.executable, "-c", f"if __name__ == '__main__':\n    {code}", str(demo_assets.checkpoint_dir), str(damaged)], check=True)
     result = run([
         sys.executable, "-m", "pytest", "--pyargs", "pytest_mtserve.suite", "-p", "no:cacheprovider",
-        "--checkpoint", str(damaged), "--model-id", "demo", "--benchmarks", "arc_easy",
-        "--limit-samples", "100", "--datasets-dir", str(demo_assets.datasets_dir),
-        "--baselines-dir", str(REPO / "baselines"), "--rootdir", str(tmp_path),
+        f"--checkpoint={damaged}", "--model-id", "demo", "--benchmarks", "arc_easy",
+        "--limit-samples", "100", f"--datasets-dir={demo_assets.datasets_dir}",
+        f"--baselines-dir={REPO / 'baselines'}",
     ], tmp_path)  # fmt: skip
     assert result.returncode == 1, result.stdout[-4000:]
     table = result.stdout.split("mtserve benchmark gate", 1)[1]
