@@ -13,6 +13,23 @@ os.environ.setdefault("PYTHONWARNINGS", "ignore")
 
 
 @pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny checkpoint's tokenizer (byte-level BPE, ChatML template), built offline."""
+    from pytest_mtserve.server.tiny_tokenizer import build_tiny_tokenizer
+
+    directory = tmp_path_factory.mktemp("tiny-tokenizer")
+    build_tiny_tokenizer(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tokenizer_dir))
+
+
+@pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The run directory of the deterministic tiny Llama-style checkpoint (written once)."""
     run_dir = tmp_path_factory.mktemp("tiny-checkpoint")

@@ -90,12 +90,13 @@ def arc_rows_answered_as_in(samples_files: Iterable[Path]) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def damaged_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def damaged_checkpoint(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny checkpoint with its weights perturbed: same shape and tokenizer, other answers."""
     run_dir = tmp_path_factory.mktemp("damaged-checkpoint")
     write_in_subprocess(
-        "from pytest_mtserve.server.tiny_checkpoint import write_tiny_checkpoint as w; import sys; "
-        "w(sys.argv[1], weight_noise=float(sys.argv[2]))",
+        "from pytest_mtserve.server.checkpoint_writer import write_perturbed_copy as w; import sys; "
+        "w(sys.argv[1], sys.argv[2], relative_noise=float(sys.argv[3]))",
+        tiny_checkpoint,
         run_dir,
         DAMAGE,
     )

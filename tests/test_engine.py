@@ -20,13 +20,6 @@ def local_model(tiny_checkpoint: Path):
 
 
 @pytest.fixture(scope="module")
-def tokenizer(local_model):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(local_model.info.tokenizer_dir))
-
-
-@pytest.fixture(scope="module")
 def make_engine(local_model, tokenizer):
     from pytest_mtserve.server.engine import InferenceEngine
 

@@ -11,15 +11,12 @@ import glob
 import os
 import socket
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import psutil
 import pytest
-from transformers import AutoTokenizer
 
 from pytest_mtserve.server.openai_api import FrontEndServer, create_app
-from pytest_mtserve.server.tiny_tokenizer import build_tiny_tokenizer
 from pytest_mtserve.server.triton_binding import TritonClient, TritonEngineServer
 from pytest_mtserve.server.work import WorkItem, WorkResult
 
@@ -81,17 +78,6 @@ def fake_generation(prompt: list[int], max_tokens: int) -> list[int]:
         generated.append(previous)
     return generated
 
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("tiny_tokenizer")
-    build_tiny_tokenizer(directory)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tokenizer_dir: Path):
-    return AutoTokenizer.from_pretrained(str(tokenizer_dir))
 
 
 class Stack:

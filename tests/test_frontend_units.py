@@ -18,17 +18,6 @@ from pytest_mtserve.server.triton_binding import TritonEngineServer
 from pytest_mtserve.server.work import WorkItem, WorkResult
 
 
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("tiny_tokenizer")
-    build_tiny_tokenizer(directory)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tokenizer_dir: Path):
-    return AutoTokenizer.from_pretrained(str(tokenizer_dir))
-
 
 @pytest.fixture
 def listener():

@@ -40,13 +40,6 @@ def assert_close(left, right) -> None:
     assert max(abs(a - b) for a, b in zip(left[1:], right[1:])) <= TOLERANCE
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tiny_checkpoint: Path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(tiny_checkpoint / "iter_0000001" / "tokenizer"))
-
-
 def test_harness_log_likelihood_equals_the_models_own(tiny_server_tp1, tiny_checkpoint: Path, tokenizer) -> None:
     """lm-eval sums token_logprobs[ctxlen:-1] of an echo response; check that against a plain forward."""
     from pytest_mtserve.server.local_model import load_model

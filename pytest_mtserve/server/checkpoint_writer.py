@@ -88,14 +88,18 @@ def write_perturbed_copy(source: Path, destination: Path, *, relative_noise: flo
 
     loaded = load_model(source)
     info = loaded.info
-    generator = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, tensor in loaded.runner.model.state_dict().items():
-        if name.endswith("_extra_state"):
-            continue
-        tensor = tensor.detach().float().clone()
-        if tensor.dim() == 2:
-            tensor += torch.randn(tensor.shape, generator=generator) * tensor.std() * relative_noise
-        state[name] = tensor
+    state = {name: t.detach().float() for name, t in loaded.runner.model.state_dict().items() if not name.endswith("_extra_state")}
     model_config = yaml.safe_load((info.iteration_dir / "run_config.yaml").read_text())["model"]
-    return write_checkpoint(destination, model_config=model_config, state_dict=state, tokenizer_dir=info.tokenizer_dir)
+    return write_checkpoint(
+        destination, model_config=model_config, state_dict=perturbed(state, relative_noise, seed=seed), tokenizer_dir=info.tokenizer_dir
+    )
+
+
+def perturbed(state: dict[str, torch.Tensor], relative_std: float, *, seed: int = 0) -> dict[str, torch.Tensor]:
+    """``state`` with Gaussian noise of ``relative_std`` times each matrix's own spread added
+    to every weight matrix (norm vectors kept); deterministic for the same seed."""
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        name: tensor + relative_std * tensor.std() * torch.randn(tensor.shape, generator=generator) if tensor.dim() == 2 else tensor
+        for name, tensor in state.items()
+    }

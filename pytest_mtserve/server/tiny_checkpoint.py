@@ -35,12 +35,8 @@ TINY_ARCHITECTURE = ModelArchitecture(
 _SEED = 1234
 
 
-def write_tiny_checkpoint(run_dir: Path, *, seed: int = _SEED, weight_noise: float = 0.0) -> Path:
-    """Write the tiny model to ``run_dir/iter_0000001``; returns that folder.
-
-    ``weight_noise`` > 0 writes a damaged copy instead (see ``perturbed``): the same model
-    and tokenizer, with answers that differ from the healthy model's.
-    """
+def write_tiny_checkpoint(run_dir: Path, *, seed: int = _SEED) -> Path:
+    """Write the tiny model to ``run_dir/iter_0000001``; returns that folder."""
     from pytest_mtserve.server.checkpoint_writer import write_checkpoint
     from pytest_mtserve.server.tiny_tokenizer import build_tiny_tokenizer
 
@@ -50,7 +46,7 @@ def write_tiny_checkpoint(run_dir: Path, *, seed: int = _SEED, weight_noise: flo
         return write_checkpoint(
             Path(run_dir),
             model_config=run_config_model_section(TINY_ARCHITECTURE, "megatron.bridge.models.llama.LlamaModelProvider"),
-            state_dict=perturbed(tiny_state_dict(seed), weight_noise, seed=seed),
+            state_dict=tiny_state_dict(seed),
             tokenizer_dir=tokenizer_dir,
         )
 
@@ -79,15 +75,3 @@ def tiny_state_dict(seed: int = _SEED) -> dict[str, torch.Tensor]:
     state["decoder.final_layernorm.weight"] = norm()
     state["output_layer.weight"] = matrix(arch.padded_vocab_size, arch.hidden_size, 0.3)
     return state
-
-
-def perturbed(state: dict[str, torch.Tensor], relative_std: float, *, seed: int = _SEED) -> dict[str, torch.Tensor]:
-    """``state`` plus Gaussian noise of ``relative_std`` times each tensor's own spread
-    (deterministic for the same seed); ``relative_std`` 0 returns ``state`` unchanged."""
-    if relative_std == 0:
-        return state
-    generator = torch.Generator().manual_seed(seed + 1)  # not the weights' own random stream
-    return {
-        name: tensor + relative_std * tensor.std() * torch.randn(tensor.shape, generator=generator)
-        for name, tensor in state.items()
-    }
