@@ -18,6 +18,7 @@ the bundled ``libpython3.13`` that only the 3.13 stub links against.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tarfile
@@ -112,8 +113,14 @@ def build_bundle(
             _repack_uncompressed(wheel, wheels / wheel.name, keep=_pytriton_filter(python_version))
         _write_installer(root)
         archive = output_dir / f"{root.name}.tar.xz"
-        with tarfile.open(archive, "w:xz", preset=6) as tar:
-            tar.add(root, arcname=root.name)
+        partial = archive.with_name(archive.name + ".partial")  # renamed into place once complete
+        try:
+            with tarfile.open(partial, "w:xz", preset=6) as tar:
+                tar.add(root, arcname=root.name)
+            os.replace(partial, archive)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
     return archive
 
 
