@@ -122,3 +122,23 @@ def test_eos_stops_unless_ignored(make_engine, prompts) -> None:
     assert engine.run([WorkItem(prompts[0], max_tokens=4)])[0].output_tokens == [first]
     assert engine.run([WorkItem(prompts[0], max_tokens=4)])[0].finish_reason == "stop"
     assert len(engine.run([WorkItem(prompts[0], max_tokens=4, ignore_eos=True)])[0].output_tokens) == 4
+
+
+def test_a_failure_on_rank_0_still_releases_the_other_ranks(local_model, prompts) -> None:
+    """Rank 0 alone detokenizes (stop strings): if that fails, the other ranks must still
+    receive the message that ends the batch, or they would wait forever."""
+    from pytest_mtserve.server.engine import InferenceEngine
+
+    class BrokenDetokenizer:
+        def decode(self, token_ids: list[int]) -> str:
+            raise UnicodeDecodeError("utf-8", b"", 0, 1, "broken on purpose")
+
+    sent: list[list[int | None]] = []
+    engine = InferenceEngine(
+        local_model.runner, is_leader=True, share_tokens=lambda feed: sent.append(feed) or feed,
+        eos_token_ids=set(), detokenizer=BrokenDetokenizer(),
+    )  # fmt: skip
+    with pytest.raises(UnicodeDecodeError):
+        engine.run([WorkItem(prompts[0], max_tokens=5, stop=["x"]), WorkItem(prompts[1], max_tokens=5)])
+    assert sent[-1] == [None, None]
+    assert len(engine.run([WorkItem(prompts[1], max_tokens=3)])[0].output_tokens) == 3

@@ -64,13 +64,21 @@ class InferenceEngine:
         cache = self.runner.new_cache(len(rows), longest) if needs_cache else None
 
         logits = self.runner.prefill([r.item.prompt_tokens for r in rows], cache)
+        # Work only rank 0 does must not leave the other ranks waiting for its next message:
+        # on an error rank 0 still sends "every row is done", then raises.
+        errors: list[Exception] = []
         if self.is_leader:
-            for row_index, row in enumerate(rows):
-                self._record_prompt(row, logits[row_index])
+            try:
+                for row_index, row in enumerate(rows):
+                    self._record_prompt(row, logits[row_index])
+            except Exception as error:
+                errors.append(error)
         next_logits = {i: logits[i, r.position - 1] for i, r in enumerate(rows) if r.item.max_tokens > 0}
         while next_logits:
-            feed = self._choose(rows, next_logits)
+            feed = self._choose(rows, next_logits, errors)
             next_logits = self._decode_step(rows, feed, cache)
+        if errors:
+            raise errors[0]
 
         results: list[WorkResult | None] = [None] * len(items)
         for sorted_index, original_index in enumerate(order):
@@ -94,17 +102,23 @@ class InferenceEngine:
         row.result.prompt_logprobs = [None] + logprobs.gather(1, targets[:, None])[:, 0].tolist()
         row.result.prompt_top_logprobs = [None] + top_logprobs(logprobs, item.logprobs)
 
-    def _choose(self, rows: list[_Row], next_logits: dict[int, torch.Tensor]) -> list[int | None]:
+    def _choose(self, rows: list[_Row], next_logits: dict[int, torch.Tensor], errors: list[Exception]) -> list[int | None]:
         """Rank 0 picks each waiting row's next token and records it.
 
-        Returns, on every rank, the token to feed back per row: None where the row is done.
+        Returns, on every rank, the token to feed back per row: None where the row is done
+        (every row, once rank 0 has hit an error in ``errors``).
         """
         feed: list[int | None] | None = None
         if self.is_leader:
             feed = [None] * len(rows)
-            for index, logits in next_logits.items():
-                token = self._append_token(rows[index], logits)
-                feed[index] = None if rows[index].done else token
+            try:
+                for index, logits in next_logits.items():
+                    if not errors:
+                        token = self._append_token(rows[index], logits)
+                        feed[index] = None if rows[index].done else token
+            except Exception as error:
+                errors.append(error)
+                feed = [None] * len(rows)
         return self.share_tokens(feed)
 
     def _append_token(self, row: _Row, logits: torch.Tensor) -> int:
