@@ -103,11 +103,6 @@ class BenchmarkResult:
     startup_time_s: float | None = None  # until the first request; None if none was seen
     inference_time_s: float | None = None  # from the first request to the end (and scoring)
 
-    @property
-    def score(self) -> float:
-        """Alias of ``value`` (the name docs/architecture.md uses)."""
-        return self.value
-
 
 def run_benchmark(
     benchmark: Benchmark,
