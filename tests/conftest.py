@@ -40,6 +40,14 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_dir
 
 
+@pytest.fixture(scope="session")
+def local_model(tiny_checkpoint: Path):
+    """The tiny checkpoint loaded in this process (one process group for the whole session)."""
+    from pytest_mtserve.server.local_model import load_model
+
+    return load_model(tiny_checkpoint)
+
+
 def write_in_subprocess(code: str, *args: object) -> None:
     """Checkpoint writers start a process group; keep it out of the pytest process."""
     import subprocess

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,13 +9,6 @@ import torch
 from pytest_mtserve.server.work import SamplingParams, WorkItem
 
 TOLERANCE = 1e-5
-
-
-@pytest.fixture(scope="module")
-def local_model(tiny_checkpoint: Path):
-    from pytest_mtserve.server.local_model import load_model
-
-    return load_model(tiny_checkpoint)
 
 
 @pytest.fixture(scope="module")

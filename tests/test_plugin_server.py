@@ -28,7 +28,7 @@ time.sleep(120)
 def project(pytester: pytest.Pytester) -> pytest.Pytester:
     (pytester.path / "fake_server.py").write_text(FAKE_SERVER)
     (pytester.path / "ckpt").mkdir()
-    pytester.makeconftest(textwrap.dedent(f"""
+    pytester.makeconftest(textwrap.dedent("""
         import os, sys
         from pathlib import Path
 

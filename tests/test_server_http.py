@@ -6,7 +6,6 @@ import concurrent.futures
 import os
 import socket
 import time
-from pathlib import Path
 
 import pytest
 import requests
@@ -40,16 +39,14 @@ def assert_close(left, right) -> None:
     assert max(abs(a - b) for a, b in zip(left[1:], right[1:])) <= TOLERANCE
 
 
-def test_harness_log_likelihood_equals_the_models_own(tiny_server_tp1, tiny_checkpoint: Path, tokenizer) -> None:
+def test_harness_log_likelihood_equals_the_models_own(tiny_server_tp1, local_model, tokenizer) -> None:
     """lm-eval sums token_logprobs[ctxlen:-1] of an echo response; check that against a plain forward."""
-    from pytest_mtserve.server.local_model import load_model
-
     context, continuation = "Question: Which gas do plants take in?\nAnswer:", " carbon dioxide"
     whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
     ctxlen = len(tokenizer(context, add_special_tokens=False)["input_ids"])
     served = sum(echo_logprobs(tiny_server_tp1, context + continuation)[ctxlen:-1])
 
-    logits = load_model(tiny_checkpoint).logits(torch.tensor([whole]))[0]
+    logits = local_model.logits(torch.tensor([whole]))[0]
     logprobs = torch.log_softmax(logits, dim=-1)
     expected = sum(float(logprobs[i - 1, whole[i]]) for i in range(ctxlen, len(whole)))
     assert served == pytest.approx(expected, abs=TOLERANCE)

@@ -58,9 +58,13 @@ def init_parallel(tp: int, pp: int, device: torch.device) -> ParallelGroups:
         else:  # a single process outside torchrun (tests, checkpoint writers)
             store = tempfile.NamedTemporaryFile(prefix="mtserve-pg-", delete=False).name
             dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1)
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
-    )
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    elif parallel_state.get_tensor_model_parallel_world_size() != tp:
+        raise RuntimeError(
+            f"this process already serves a model at TP {parallel_state.get_tensor_model_parallel_world_size()}; "
+            f"a second one at TP {tp} needs a process of its own"
+        )
     tp_random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
     control = dist.new_group(backend="gloo", timeout=_CONTROL_TIMEOUT) if backend != "gloo" else dist.group.WORLD
     return ParallelGroups(rank=rank, world_size=world_size, device=device, control_group=control)
