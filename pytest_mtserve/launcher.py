@@ -21,10 +21,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-READY_PREFIX = "MTSERVE_READY "
-# The server stops by itself once this process is gone (pytest killed with SIGKILL, say):
-# it runs in a session of its own, so nothing else would stop it.
-WATCH_PID_VARIABLE = "MTSERVE_WATCH_PID"
+# Light: the server's heavy imports are lazy. The server stops by itself once the process
+# named in WATCH_PID_VARIABLE is gone (pytest killed with SIGKILL, say): it runs in a session
+# of its own, so nothing else would stop it.
+from pytest_mtserve.server.main import READY_PREFIX, WATCH_PID_VARIABLE
 DEFAULT_STOP_GRACE_S = 20.0
 TAIL_LINES = 40
 _POLL_INTERVAL_S = 0.1

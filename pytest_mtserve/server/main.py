@@ -19,6 +19,7 @@ import threading
 from pytest_mtserve.server.options import ServerOptions, parse_server_options
 
 READY_PREFIX = "MTSERVE_READY "
+WATCH_PID_VARIABLE = "MTSERVE_WATCH_PID"  # stop when this process is gone
 
 
 class ServerInputError(Exception):
@@ -52,6 +53,23 @@ def _check_input(options: ServerOptions) -> None:
         raise ServerInputError(str(error)) from None
     if options.inference_max_seq_length < 2:
         raise ServerInputError("--inference-max-seq-length must be at least 2 tokens")
+    from pytest_mtserve.server.distributed import resolve_device
+
+    try:
+        device = resolve_device(options.device)
+    except (RuntimeError, ValueError) as error:
+        raise ServerInputError(str(error)) from None
+    if device.type == "cuda" and options.world_size > _gpu_count():
+        raise ServerInputError(
+            f"--tp {options.tp} x --pp {options.pp} needs {options.world_size} GPUs but {_gpu_count()} are visible; "
+            "lower --tp or use --device cpu"
+        )
+
+
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def _serve_rank(options: ServerOptions) -> int:
@@ -114,8 +132,8 @@ def _lead(rank, options: ServerOptions) -> None:
 
 
 def _watched_pid() -> int | None:
-    """Set by pytest-mtserve's launcher (MTSERVE_WATCH_PID): stop when that process dies."""
-    text = os.environ.get("MTSERVE_WATCH_PID", "")
+    """Set by pytest-mtserve's launcher: stop when that process dies."""
+    text = os.environ.get(WATCH_PID_VARIABLE, "")
     return int(text) if text.isdigit() else None
 
 
