@@ -84,8 +84,12 @@ def test_parallelism_the_model_cannot_take_is_refused(tiny_checkpoint: Path, tp:
 
 @pytest.mark.parametrize(
     ("args", "message"),
-    [(["--checkpoint", "/nonexistent/ckpt"], "checkpoint path /nonexistent/ckpt does not exist"), (["--tp", "3"], "--tp 3 does not divide")],
-    ids=["missing-checkpoint", "bad-tp"],
+    [
+        (["--checkpoint", "/nonexistent/ckpt"], "checkpoint path /nonexistent/ckpt does not exist"),
+        (["--tp", "3"], "--tp 3 does not divide"),
+        (["--device", "cuda"], "no CUDA GPU is visible; use --device cpu"),
+    ],
+    ids=["missing-checkpoint", "bad-tp", "no-gpu"],
 )
 def test_server_command_refuses_bad_input_quickly(tiny_checkpoint: Path, args: list[str], message: str) -> None:
     command = [sys.executable, "-m", "pytest_mtserve.server", "--checkpoint", str(tiny_checkpoint), *args]
