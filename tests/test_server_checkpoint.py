@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from pytest_mtserve.server.architecture import ArchitectureError
@@ -87,7 +88,8 @@ def test_parallelism_the_model_cannot_take_is_refused(tiny_checkpoint: Path, tp:
     [
         (["--checkpoint", "/nonexistent/ckpt"], "checkpoint path /nonexistent/ckpt does not exist"),
         (["--tp", "3"], "--tp 3 does not divide"),
-        (["--device", "cuda"], "no CUDA GPU is visible; use --device cpu"),
+        pytest.param(["--device", "cuda"], "no CUDA GPU is visible; use --device cpu", id="no-gpu",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible here")),
     ],
     ids=["missing-checkpoint", "bad-tp", "no-gpu"],
 )
