@@ -6,7 +6,6 @@ import subprocess
 import zipfile
 from pathlib import Path
 
-import pytest
 
 from pytest_mtserve import bundle, cli
 
@@ -74,28 +73,3 @@ def test_cli_reports_a_failed_download_as_one_line(tmp_path, monkeypatch, capsys
     assert cli.main(["bundle", str(tmp_path / "out")]) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("mtserve bundle: error: pip download failed") and "\n" not in error
-
-
-@pytest.mark.slow
-def test_sdpa_attention_matches_unfused_on_cpu():
-    import torch
-
-    from pytest_mtserve.server.distributed import init_parallel, shutdown_parallel
-    from pytest_mtserve.server.model import build_model
-    from pytest_mtserve.server.model_runner import ModelRunner
-    from pytest_mtserve.server.tiny_checkpoint import TINY_ARCHITECTURE, tiny_state_dict
-
-    init_parallel(1, 1, torch.device("cpu"))
-    try:
-        prompts, outputs = [[1, 2, 3, 4, 5, 6, 7], [9, 8, 7]], {}
-        for backend in ("unfused", "sdpa"):
-            model = build_model(TINY_ARCHITECTURE, device=torch.device("cpu"), dtype=torch.float32, max_sequence_length=64, attention_backend=backend)
-            model.load_state_dict(tiny_state_dict(), strict=False)
-            runner = ModelRunner(model, TINY_ARCHITECTURE, torch.device("cpu"))
-            cache = runner.new_cache(2, 16)
-            prefill = runner.prefill(prompts, cache)
-            outputs[backend] = (prefill[0], prefill[1, :3], runner.decode(cache, [5], 1, 3))
-        for unfused, sdpa in zip(outputs["unfused"], outputs["sdpa"]):
-            torch.testing.assert_close(sdpa, unfused, rtol=1e-4, atol=1e-4)
-    finally:
-        shutdown_parallel()

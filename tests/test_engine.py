@@ -134,3 +134,21 @@ def test_a_failure_on_rank_0_still_releases_the_other_ranks(local_model, prompts
         engine.run([WorkItem(prompts[0], max_tokens=5, stop=["x"]), WorkItem(prompts[1], max_tokens=5)])
     assert sent[-1] == [None, None]
     assert len(engine.run([WorkItem(prompts[1], max_tokens=3)])[0].output_tokens) == 3
+
+
+def test_sdpa_attention_matches_unfused(local_model) -> None:
+    """The SDPA core attention (for GPUs) computes what the unfused local one does."""
+    from pytest_mtserve.server.model import build_model
+    from pytest_mtserve.server.model_runner import ModelRunner
+    from pytest_mtserve.server.tiny_checkpoint import TINY_ARCHITECTURE, tiny_state_dict
+
+    prompts, outputs = [[1, 2, 3, 4, 5, 6, 7], [9, 8, 7]], {}
+    for backend in ("unfused", "sdpa"):
+        model = build_model(TINY_ARCHITECTURE, device=torch.device("cpu"), dtype=torch.float32, max_sequence_length=64, attention_backend=backend)
+        model.load_state_dict(tiny_state_dict(), strict=False)
+        runner = ModelRunner(model, TINY_ARCHITECTURE, torch.device("cpu"))
+        cache = runner.new_cache(2, 16)
+        prefill = runner.prefill(prompts, cache)
+        outputs[backend] = (prefill[0], prefill[1, :3], runner.decode(cache, [5], 1, 3))
+    for unfused, sdpa in zip(outputs["unfused"], outputs["sdpa"]):
+        torch.testing.assert_close(sdpa, unfused, rtol=1e-4, atol=1e-4)

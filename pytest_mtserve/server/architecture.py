@@ -8,7 +8,7 @@ Megatron-Core ``TransformerConfig`` for the local (Transformer-Engine-free) laye
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 _ACTIVATIONS = {"silu": "silu", "swiglu": "silu", "gelu": "gelu", "gelu_new": "gelu", "relu": "relu"}
@@ -40,7 +40,6 @@ class ModelArchitecture:
     add_bias_linear: bool = False
     add_qkv_bias: bool = False
     qk_layernorm: bool = False
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def check_parallelism(self, tp: int, pp: int) -> None:
         """Refuse splits the weights cannot take, before any process group starts."""

@@ -34,18 +34,14 @@ def build_rank(options: ServerOptions) -> Rank:
     from transformers import AutoTokenizer
 
     from pytest_mtserve.server.checkpoint import locate_checkpoint
-    from pytest_mtserve.server.model import build_model, load_weights, resolve_dtype
+    from pytest_mtserve.server.model import load_checkpoint_model
     from pytest_mtserve.server.model_runner import ModelRunner
 
     info = locate_checkpoint(options.checkpoint)
     groups = init_parallel(options.tp, options.pp, resolve_device(options.device))
-    model = build_model(
-        info.architecture,
-        device=groups.device,
-        dtype=resolve_dtype(options.dtype, groups.device),
-        max_sequence_length=options.inference_max_seq_length,
+    model = load_checkpoint_model(
+        info, device=groups.device, dtype=options.dtype, max_sequence_length=options.inference_max_seq_length
     )
-    load_weights(model, info.iteration_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(info.tokenizer_dir)) if groups.rank == 0 else None
     channel = ControlChannel(groups.control_group, groups.world_size)
     engine = InferenceEngine(

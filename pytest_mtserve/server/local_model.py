@@ -8,7 +8,7 @@ import torch
 
 from pytest_mtserve.server.checkpoint import CheckpointInfo, locate_checkpoint
 from pytest_mtserve.server.distributed import init_parallel
-from pytest_mtserve.server.model import build_model, load_weights, resolve_dtype
+from pytest_mtserve.server.model import load_checkpoint_model
 from pytest_mtserve.server.model_runner import ModelRunner
 
 
@@ -28,11 +28,5 @@ def load_model(checkpoint: Path | str, *, tp: int = 1, device: str = "cpu", dtyp
     info = locate_checkpoint(checkpoint)
     info.architecture.check_parallelism(tp, 1)
     groups = init_parallel(tp=tp, pp=1, device=torch.device(device))
-    model = build_model(
-        info.architecture,
-        device=groups.device,
-        dtype=resolve_dtype(dtype, groups.device),
-        max_sequence_length=info.architecture.seq_length,
-    )
-    load_weights(model, info.iteration_dir)
+    model = load_checkpoint_model(info, device=groups.device, dtype=dtype, max_sequence_length=info.architecture.seq_length)
     return LocalModel(info, ModelRunner(model, info.architecture, groups.device))

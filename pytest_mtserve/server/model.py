@@ -66,6 +66,15 @@ def build_model(
     return model.to(device=device, dtype=dtype).eval()
 
 
+def load_checkpoint_model(info, *, device: torch.device, dtype: str, max_sequence_length: int):
+    """This rank's part of the checkpoint ``info`` (a CheckpointInfo), ready for inference."""
+    model = build_model(
+        info.architecture, device=device, dtype=resolve_dtype(dtype, device), max_sequence_length=max_sequence_length
+    )
+    load_weights(model, info.iteration_dir)
+    return model
+
+
 def load_weights(model, iteration_dir: Path) -> None:
     """Read this rank's shards of the torch_dist checkpoint (resharding to the current TP)."""
     from megatron.core import dist_checkpointing
