@@ -111,14 +111,14 @@ class InferenceEngine:
         feed: list[int | None] | None = None
         if self.is_leader:
             feed = [None] * len(rows)
-            try:
-                for index, logits in next_logits.items():
-                    if not errors:
+            if not errors:
+                try:
+                    for index, logits in next_logits.items():
                         token = self._append_token(rows[index], logits)
                         feed[index] = None if rows[index].done else token
-            except Exception as error:
-                errors.append(error)
-                feed = [None] * len(rows)
+                except Exception as error:
+                    errors.append(error)
+                    feed = [None] * len(rows)
         return self.share_tokens(feed)
 
     def _append_token(self, row: _Row, logits: torch.Tensor) -> int:

@@ -59,17 +59,15 @@ def _check_input(options: ServerOptions) -> None:
         device = resolve_device(options.device)
     except (RuntimeError, ValueError) as error:
         raise ServerInputError(str(error)) from None
-    if device.type == "cuda" and options.world_size > _gpu_count():
-        raise ServerInputError(
-            f"--tp {options.tp} x --pp {options.pp} needs {options.world_size} GPUs but {_gpu_count()} are visible; "
-            "lower --tp or use --device cpu"
-        )
+    if device.type == "cuda":
+        import torch
 
-
-def _gpu_count() -> int:
-    import torch
-
-    return torch.cuda.device_count()
+        visible = torch.cuda.device_count()
+        if options.world_size > visible:
+            raise ServerInputError(
+                f"--tp {options.tp} x --pp {options.pp} needs {options.world_size} GPUs but {visible} are visible; "
+                "lower --tp or use --device cpu"
+            )
 
 
 def _serve_rank(options: ServerOptions) -> int:
@@ -105,7 +103,7 @@ def _lead(rank, options: ServerOptions) -> None:
     frontend = None
     try:
         triton.start()
-        client = TritonClient(triton.url, "mtserve_engine", timeout_s=options.request_timeout)
+        client = TritonClient(triton.url, triton.triton_model_name, timeout_s=options.request_timeout)
         app = create_app(
             model_name=options.model_name,
             tokenizer=rank.tokenizer,
@@ -142,8 +140,8 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # it exists, under another user
+        pass
     return True
 
 
