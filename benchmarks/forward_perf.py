@@ -99,11 +99,14 @@ def hf_forward(arch):
     return params, run, model
 
 
-def measure(name: str, peak: float) -> list[dict]:
+ENGINES = ("megatron-unfused", "megatron-sdpa", "hf-transformers")
+
+
+def measure(name: str, peak: float, engines: list[str]) -> list[dict]:
     arch = SHAPES[name]
     rows = []
     reference_logits = None  # unfused attention's, for the SDPA backend's error
-    for engine in ("megatron-unfused", "megatron-sdpa", "hf-transformers"):
+    for engine in engines:
         params, run, model = hf_forward(arch) if engine == "hf-transformers" else megatron_forward(arch, engine.split("-")[1])
         for index, (batch, length) in enumerate(BATCHES[name]):
             prompts = torch.randint(0, arch.vocab_size, (batch, length), generator=torch.Generator().manual_seed(index)).tolist()
@@ -129,14 +132,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", required=True)
     parser.add_argument("--models", default="smollm2-135m,llama3-8b")
+    # The peer runs apart where the server's environment (numpy<2) cannot import transformers' models.
+    parser.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated, of {', '.join(ENGINES)}")
     args = parser.parse_args()
-    from pytest_mtserve.server.distributed import init_parallel
+    engines = args.engines.split(",")
+    if unknown := set(engines) - set(ENGINES):
+        parser.error(f"unknown engines {sorted(unknown)}: use {', '.join(ENGINES)}")
+    if any(engine.startswith("megatron") for engine in engines):
+        from pytest_mtserve.server.distributed import init_parallel
 
-    init_parallel(1, 1, torch.device("cuda"))
+        init_parallel(1, 1, torch.device("cuda"))
     started = time.time()
     peak = matmul_peak_tflops()
     print(f"bf16 matmul peak (8192^3, random): {peak:.0f} TFLOP/s", flush=True)
-    rows = [row for name in args.models.split(",") for row in measure(name, peak)]
+    rows = [row for name in args.models.split(",") for row in measure(name, peak, engines)]
     result = dict(card=torch.cuda.get_device_name(), torch=torch.__version__, matmul_peak_tflops=peak, rows=rows,
                   wall_s=time.time() - started)  # fmt: skip
     with open(args.out, "w") as f:

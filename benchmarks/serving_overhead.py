@@ -7,16 +7,22 @@ real server (FastAPI -> PyTriton -> engine) from ``--clients`` concurrent keep-a
 clients. Warm-up requests are excluded from both. The last line printed is the ratio.
 
     python benchmarks/serving_overhead.py [--checkpoint RUN_DIR] [--requests 384]
+    python benchmarks/serving_overhead.py --device cuda --shape llama3-8b --peer-python python3
 
-Without ``--checkpoint`` the tiny test checkpoint is written to a temporary folder. This
-measures; it asserts nothing about speed.
+Without ``--checkpoint`` the tiny test checkpoint is written to a temporary folder; with
+``--shape`` a random-weight checkpoint of that shape (``forward_perf.SHAPES``) is built
+on the device. ``--peer-python`` also scores the stream in-process with Hugging Face
+transformers (``hf_peer.py``, same shape, random weights, same batches) under that
+interpreter. This measures; it asserts nothing about speed.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -25,6 +31,11 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from forward_perf import SHAPES  # noqa: E402
+
+from pytest_mtserve.server.tokenizer import ServerTokenizer, load_tokenizer  # noqa: E402
 
 WORDS = (
     "the of and to in is that for it as with was on be by at this which from or are an "
@@ -61,7 +72,7 @@ class Throughput:
         return {role: 1e6 * seconds / self.tokens for role, seconds in self.cpu_s.items()}
 
 
-def build_request_stream(tokenizer: Any, count: int, seed: int) -> list[ScoringRequest]:
+def build_request_stream(tokenizer: ServerTokenizer, count: int, seed: int) -> list[ScoringRequest]:
     """MMLU-shaped requests: each question's context scored once per answer choice (4 each)."""
     rng = random.Random(seed)
     requests: list[ScoringRequest] = []
@@ -69,15 +80,15 @@ def build_request_stream(tokenizer: Any, count: int, seed: int) -> list[ScoringR
         context = _question_context(tokenizer, rng)
         for label in CHOICE_LABELS:
             text = f"{context}\nAnswer: {label}. {' '.join(rng.choices(WORDS, k=rng.randint(1, 6)))}"
-            requests.append(ScoringRequest(text, tokenizer(text, add_special_tokens=False)["input_ids"]))
+            requests.append(ScoringRequest(text, tokenizer.encode(text)))
     return requests[:count]
 
 
-def _question_context(tokenizer: Any, rng: random.Random) -> str:
+def _question_context(tokenizer: ServerTokenizer, rng: random.Random) -> str:
     # Log-uniform lengths: many short zero-shot questions, fewer long few-shot contexts.
     target = int(MIN_PROMPT_TOKENS * (MAX_PROMPT_TOKENS / MIN_PROMPT_TOKENS) ** rng.random())
     text = "The following are multiple choice questions (with answers).\nQuestion:"
-    while len(tokenizer(text, add_special_tokens=False)["input_ids"]) < target:
+    while len(tokenizer.encode(text)) < target:
         text += " " + " ".join(rng.choices(WORDS, k=16))
     return text
 
@@ -95,16 +106,14 @@ def total_tokens(requests: Sequence[ScoringRequest]) -> int:
 # --- (a) direct engine calls ------------------------------------------------------------------
 
 
-def direct_scorer(checkpoint: Path) -> Callable[[Sequence[ScoringRequest]], list[list[float | None]]]:
-    """Loads the model here (TP1, CPU); the scorer runs one engine batch and returns prompt log-probs."""
-    from transformers import AutoTokenizer
-
+def direct_scorer(checkpoint: Path, device: str) -> Callable[[Sequence[ScoringRequest]], list[list[float | None]]]:
+    """Loads the model here (TP1); the scorer runs one engine batch and returns prompt log-probs."""
     from pytest_mtserve.server.engine import InferenceEngine
     from pytest_mtserve.server.local_model import load_model
     from pytest_mtserve.server.work import WorkItem
 
-    local = load_model(checkpoint)
-    tokenizer = AutoTokenizer.from_pretrained(str(local.info.tokenizer_dir))
+    local = load_model(checkpoint, device=device)
+    tokenizer = load_tokenizer(local.info.tokenizer_dir)
     engine = InferenceEngine(
         local.runner, is_leader=True, share_tokens=lambda t: t, eos_token_ids=set(), detokenizer=tokenizer
     )
@@ -197,29 +206,26 @@ def largest_difference(left: list[float | None], right: list[float | None]) -> f
 # --- orchestration ----------------------------------------------------------------------------
 
 
-def start_tiny_server(checkpoint: Path, log_dir: Path, max_batch_size: int, extra: Sequence[str]):
-    from pytest_mtserve.launcher import start_server
+def start_server_for(checkpoint: Path, log_dir: Path, args: argparse.Namespace):
+    from pytest_mtserve.launcher import ServerSettings, server_command, start_server
 
-    command = [sys.executable, "-m", "pytest_mtserve.server", "--checkpoint", str(checkpoint), "--port", "0",
-               "--device", "cpu", "--max-batch-size", str(max_batch_size), *extra]  # fmt: skip
-    return start_server(command, log_dir / "server.log", timeout_s=300)
+    settings = ServerSettings(checkpoint=checkpoint, device=args.device, max_batch_size=args.max_batch_size, python=args.server_python)
+    return start_server([*server_command(settings), *args.server_arg], log_dir / "server.log", timeout_s=600)
 
 
 def run(args: argparse.Namespace, checkpoint: Path, scratch: Path) -> float:
-    from transformers import AutoTokenizer
-
     from pytest_mtserve.server.checkpoint import locate_checkpoint
 
-    tokenizer = AutoTokenizer.from_pretrained(str(locate_checkpoint(checkpoint).tokenizer_dir))
+    tokenizer = load_tokenizer(locate_checkpoint(checkpoint).tokenizer_dir)
     stream = build_request_stream(tokenizer, WARMUP_REQUESTS + args.requests, args.seed)
     warmup, timed = stream[:WARMUP_REQUESTS], stream[WARMUP_REQUESTS:]
     lengths = [len(r.token_ids) for r in timed]
     print(f"stream: {len(timed)} requests, {total_tokens(timed)} prompt tokens, length "
           f"min {min(lengths)} / median {int(statistics.median(lengths))} / max {max(lengths)}")  # fmt: skip
 
-    server = start_tiny_server(checkpoint, scratch, args.max_batch_size, args.server_arg)
+    server = start_server_for(checkpoint, scratch, args)
     try:
-        score = direct_scorer(checkpoint)
+        score = direct_scorer(checkpoint, args.device)
         measure_direct(score, warmup, args.max_batch_size)
         measure_served(server.pid, server.url, server.model, warmup, args.clients)
         difference = max(
@@ -233,10 +239,21 @@ def run(args: argparse.Namespace, checkpoint: Path, scratch: Path) -> float:
             served.append(measure_served(server.pid, server.url, server.model, timed, args.clients))
     finally:
         server.stop()
-    return report(direct, served, args)
+    peer = run_peer(args, checkpoint, scratch) if args.peer_python else None
+    return report(direct, served, peer, args)
 
 
-def report(direct: list[Throughput], served: list[Throughput], args: argparse.Namespace) -> float:
+def run_peer(args: argparse.Namespace, checkpoint: Path, scratch: Path) -> float:
+    """Tokens/s of Hugging Face transformers on the same stream, in its own interpreter."""
+    result = scratch / "peer.json"
+    peer = Path(__file__).with_name("hf_peer.py")
+    subprocess.run([args.peer_python, str(peer), "--checkpoint", str(checkpoint), "--requests", str(args.requests),
+                    "--seed", str(args.seed), "--batch-size", str(args.max_batch_size), "--rounds", str(args.rounds),
+                    "--out", str(result)], check=True)  # fmt: skip
+    return json.loads(result.read_text())["tokens_per_s"]
+
+
+def report(direct: list[Throughput], served: list[Throughput], peer: float | None, args: argparse.Namespace) -> float:
     for name, runs in (("direct", direct), (f"served ({args.clients} clients)", served)):
         rates = ", ".join(f"{t.tokens_per_s:,.0f}" for t in runs)
         print(f"{name:<20} tokens/s per round: {rates}")
@@ -245,6 +262,9 @@ def report(direct: list[Throughput], served: list[Throughput], args: argparse.Na
     best_served = max(t.tokens_per_s for t in served)
     print(f"direct (best round): {best_direct:,.0f} tokens/s (batches of {args.max_batch_size})")
     print(f"served (best round): {best_served:,.0f} tokens/s")
+    if peer is not None:
+        print(f"Hugging Face transformers in-process (best round): {peer:,.0f} tokens/s (batches of {args.max_batch_size})")
+        print(f"served / transformers = {best_served / peer:.3f}")
     ratio = best_served / best_direct
     print(f"served / direct = {ratio:.3f}")
     return ratio
@@ -260,6 +280,10 @@ def _median_cpu(runs: list[Throughput]) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", type=Path, help="run directory to serve (default: a fresh tiny checkpoint)")
+    parser.add_argument("--shape", choices=sorted(SHAPES), help="serve a random-weight checkpoint of this shape, built on --device")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where both paths run the model (default: cpu)")
+    parser.add_argument("--server-python", default=sys.executable, help="interpreter of the server (default: this one)")
+    parser.add_argument("--peer-python", help="also measure Hugging Face transformers under this interpreter (cuda)")
     parser.add_argument("--requests", type=int, default=384, help="timed requests per round (default: 384)")
     parser.add_argument("--rounds", type=int, default=2, help="direct/served measurement rounds (default: 2)")
     parser.add_argument("--clients", type=int, default=16, help="concurrent HTTP clients (default: 16)")
@@ -273,13 +297,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="mtserve-overhead-") as scratch:
-        checkpoint = args.checkpoint
-        if checkpoint is None:
-            from pytest_mtserve.server.tiny_checkpoint import write_tiny_checkpoint
-
-            checkpoint = Path(scratch) / "tiny"
-            write_tiny_checkpoint(checkpoint)
+        checkpoint = args.checkpoint or make_checkpoint(Path(scratch), args.shape, args.device)
         run(args, checkpoint, Path(scratch))
+
+
+def make_checkpoint(scratch: Path, shape: str | None, device: str) -> Path:
+    """The tiny test checkpoint, or random weights of ``shape`` (with the tiny tokenizer:
+    its ids fit every shape's vocabulary, and only prompt lengths matter here)."""
+    import torch
+
+    from pytest_mtserve.server.tiny_checkpoint import write_tiny_checkpoint
+
+    tiny = scratch / "tiny"
+    write_tiny_checkpoint(tiny)
+    if shape is None:
+        return tiny
+    from pytest_mtserve.server.architecture import run_config_model_section
+    from pytest_mtserve.server.checkpoint_writer import write_random_checkpoint
+
+    model_config = run_config_model_section(SHAPES[shape], "megatron.bridge.models.llama.LlamaModelProvider")
+    run_dir = scratch / shape
+    write_random_checkpoint(run_dir, model_config=model_config, tokenizer_dir=next(tiny.glob("iter_*")) / "tokenizer", device=torch.device(device))
+    return run_dir
 
 
 if __name__ == "__main__":  # the checkpoint writer starts worker processes

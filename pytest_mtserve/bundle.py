@@ -70,6 +70,7 @@ EVAL_REQUIREMENTS = (
     "tenacity==9.2.1", "yq==4.4.5", "xmltodict==1.0.4", "tomlkit==0.15.2", "argcomplete==3.7.2",
     "beautifulsoup4==4.13.1", "soupsieve==4.1.3", "defusedxml==0.7.1", "truststore==0.10.5",
     "httpx2==2.16.2", "httpcore2==2.16.2", "tree-sitter==0.26.1", "tree-sitter-python==0.25.0",
+    "pytz==2026.6",  # lm-eval's results table imports it (pytablewriter -> typepy) without declaring it
 )  # fmt: skip
 # Pure-Python packages of the evaluation stack published as source only: built into
 # py3-none-any wheels here, so the GPU host needs no build tools.
@@ -99,18 +100,18 @@ def build_bundle(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     tag = python_version.replace(".", "")
-    requirements = SERVER_REQUIREMENTS + (EVAL_REQUIREMENTS if with_eval else ())
     with tempfile.TemporaryDirectory(prefix="mtserve-bundle-") as scratch:
         root = Path(scratch) / f"mtserve-bundle-py{tag}"
-        wheels = root / "wheels"
         downloads = Path(scratch) / "downloads"
-        _download_wheels(requirements, downloads, python_version, platforms)
+        _download_wheels(SERVER_REQUIREMENTS, downloads / "wheels", python_version, platforms)
+        _build_wheels([str(_source_tree())], downloads / "wheels", "pip wheel (this project)", isolated=False)
         if with_eval:
-            _build_wheels(list(EVAL_SOURCE_ONLY), downloads, "pip wheel (source-only evaluation packages)")
-        _build_wheels([str(_source_tree())], downloads, "pip wheel (this project)", isolated=False)
-        wheels.mkdir(parents=True)
-        for wheel in sorted(downloads.glob("*.whl")):
-            _repack_uncompressed(wheel, wheels / wheel.name, keep=_pytriton_filter(python_version))
+            _download_wheels(EVAL_REQUIREMENTS, downloads / "eval-wheels", python_version, platforms)
+            _build_wheels(list(EVAL_SOURCE_ONLY), downloads / "eval-wheels", "pip wheel (source-only evaluation packages)")
+        for wheel in sorted(downloads.glob("*/*.whl")):
+            target = root / wheel.parent.name / wheel.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _repack_uncompressed(wheel, target, keep=_pytriton_filter(python_version))
         _write_installer(root)
         archive = output_dir / f"{root.name}.tar.xz"
         partial = archive.with_name(archive.name + ".partial")  # renamed into place once complete
@@ -198,15 +199,20 @@ def _filtered_record(record: bytes, names: set[str]) -> bytes:
 _INSTALLER = r"""#!/usr/bin/env bash
 # Installs the mtserve server stack into one Python environment, offline.
 #   PYTHON=/path/to/python ./install.sh      (default: python3 on PATH)
-# Use a virtual environment's python to keep the host's own environment untouched.
+#   EVAL_PYTHON=/path/to/other/python ...    also the evaluation stack (bundles made with
+#                                            --with-eval) into a second environment
+# Use virtual environments (`python3 -m venv --system-site-packages DIR`) to keep the
+# host's own environment untouched. The two stay apart because the server needs numpy<2
+# (PyTriton) while an image's pandas, pyarrow and scipy, which the evaluation imports,
+# need the image's numpy 2.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 python="${PYTHON:-python3}"
+pip_install=(-m pip install --no-index --no-deps --no-compile --force-reinstall --disable-pip-version-check --quiet)
 
 # A real site-packages (not --target / PYTHONPATH): PyTriton locates its bundled
 # tritonserver from its own install location and refuses an "editable-looking" layout.
-"$python" -m pip install --no-index --no-deps --no-compile --force-reinstall \
-    --disable-pip-version-check --quiet "$here"/wheels/*.whl
+"$python" "${pip_install[@]}" "$here"/wheels/*.whl
 
 "$python" - <<'EOF'
 import sysconfig, torch, numpy, pytriton, zmq, fastapi, opentelemetry, megatron.core
@@ -216,7 +222,22 @@ print(f"mtserve bundle: torch {torch.__version__}, numpy {numpy.__version__}, me
 # The server puts this first on LD_LIBRARY_PATH itself; other PyTriton programs need it too.
 print(f"mtserve bundle: Triton's Python stub loads libpython from {sysconfig.get_config_var('LIBDIR')}")
 EOF
-echo "mtserve bundle: ready: $python -m pytest_mtserve.server --help"
+echo "mtserve bundle: server ready: $python -m pytest_mtserve.server --help"
+
+if [ -n "${EVAL_PYTHON:-}" ]; then
+    if [ ! -d "$here/eval-wheels" ]; then
+        echo "mtserve bundle: error: EVAL_PYTHON is set but this bundle has no evaluation stack; build one with: mtserve bundle OUT --with-eval" >&2
+        exit 2
+    fi
+    # The evaluation keeps its environment's numpy: the server's wheels go in without theirs.
+    server_wheels=()
+    for wheel in "$here"/wheels/*.whl; do
+        case "$(basename "$wheel")" in numpy-*|ml_dtypes-*) ;; *) server_wheels+=("$wheel") ;; esac
+    done
+    "$EVAL_PYTHON" "${pip_install[@]}" "${server_wheels[@]}" "$here"/eval-wheels/*.whl
+    "$EVAL_PYTHON" -c 'import numpy, nemo_evaluator, lm_eval, pytest_mtserve; print(f"mtserve bundle: evaluation ready, numpy {numpy.__version__}")'
+    echo "mtserve bundle: run the plugin with: $EVAL_PYTHON -m pytest --server-python $python ..."
+fi
 """
 
 

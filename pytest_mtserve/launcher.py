@@ -53,12 +53,13 @@ class ServerSettings:
     port: int = 0
     device: str = "auto"
     model_name: str = "megatron_model"
+    python: str = sys.executable
 
 
 def server_command(settings: ServerSettings) -> list[str]:
     """The command line that starts the server for ``settings`` (on 127.0.0.1 only)."""
     return [
-        sys.executable, "-m", "pytest_mtserve.server",
+        settings.python, "-m", "pytest_mtserve.server",
         "--checkpoint", str(settings.checkpoint),
         "--tp", str(settings.tp),
         "--pp", str(settings.pp),

@@ -7,6 +7,7 @@ Each option is also an ini key ``mtserve_<name>`` where that makes sense (``--tp
 from __future__ import annotations
 
 import re
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +61,13 @@ def _device(text: str) -> str:
     if text not in ("auto", "cuda", "cpu"):
         raise ValueError("must be auto, cuda or cpu")
     return text
+
+
+def _interpreter(text: str) -> str:
+    path = shutil.which(text)
+    if path is None:
+        raise ValueError("no such executable; pass the path of a Python interpreter")
+    return path
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -133,6 +141,10 @@ OPTIONS = (
             "in tokens.", _positive_int, "4096", metavar="N"),
     Option("--server-port", "Port of the launched server's HTTP API (0: any free port).",
             _port, "0", metavar="PORT"),
+    Option("--server-python", "Python interpreter that runs the server (default: pytest's "
+            "own), e.g. a virtual environment holding the server's packages apart from the "
+            "evaluation's; pytest_mtserve must be importable there.", _interpreter,
+            metavar="PYTHON"),
     Option("--server-timeout", "Seconds to wait for the launched server to be ready.",
             _positive_float, "900", metavar="SECONDS"),
     Option("--benchmarks", "Comma-separated benchmarks to run, e.g. mmlu,arc_challenge, or "
@@ -180,6 +192,7 @@ class MtserveOptions:
     max_batch_size: int
     inference_max_seq_length: int
     server_port: int
+    server_python: str | None
     server_timeout: float
     benchmarks: tuple[str, ...]
     limit_samples: SampleLimits | None
@@ -215,6 +228,7 @@ class MtserveOptions:
             inference_max_seq_length=self.inference_max_seq_length,
             port=self.server_port,
             device=self.device,
+            **({"python": self.server_python} if self.server_python else {}),
         )
 
 

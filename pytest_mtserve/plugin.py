@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 
 ROW_PROPERTY = "mtserve_row"  # user_properties key: carries report rows from xdist workers
 # A test that needs any of these needs a model; without one it is skipped.
+# The parametrized argument of gate tests: test_regression[mmlu].
+BENCHMARK_ARGUMENT = "benchmark_name"
 MTSERVE_FIXTURES = frozenset(
     {"mtserve_server", "mtserve_endpoint", "mtserve_baselines", "run_benchmark", "check_benchmark"}
 )
@@ -135,11 +137,12 @@ def _selected_benchmarks(config: pytest.Config) -> tuple[str, ...]:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    # Only tests that also use the plugin: `benchmark` alone is pytest-benchmark's fixture.
+    # Not `benchmark`: pytest-benchmark owns that name and fails any test whose `benchmark`
+    # argument is not its fixture.
     used = set(metafunc.fixturenames)
-    if "benchmark" in used and used & MTSERVE_FIXTURES:
+    if BENCHMARK_ARGUMENT in used and used & MTSERVE_FIXTURES:
         names = _selected_benchmarks(metafunc.config)
-        metafunc.parametrize("benchmark", names, ids=names)
+        metafunc.parametrize(BENCHMARK_ARGUMENT, names, ids=names)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -24,9 +24,18 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer(tokenizer_dir: Path):
+    """transformers' AutoTokenizer on it: the reference the server's own tokenizer must match."""
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(tokenizer_dir))
+
+
+@pytest.fixture(scope="session")
+def server_tokenizer(tokenizer_dir: Path):
+    """The server's tokenizer on it (no transformers)."""
+    from pytest_mtserve.server.tokenizer import load_tokenizer
+
+    return load_tokenizer(tokenizer_dir)
 
 
 @pytest.fixture(scope="session")

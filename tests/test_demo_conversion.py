@@ -307,3 +307,12 @@ def test_gguf_to_hf_restores_weights_config_and_tokenizer(tmp_path: Path) -> Non
     ours, reference = AutoTokenizer.from_pretrained(hf_dir), AutoTokenizer.from_pretrained(tmp_path / "tokenizer")
     for text in ["The capital of France is Paris.", "Question: 12 plus 30?\nAnswer: 42", "<|im_start|>user\nhi<|im_end|>"]:
         assert ours(text).input_ids == reference(text).input_ids, text
+
+
+def test_folder_without_a_fast_tokenizer_is_refused(tmp_path: Path) -> None:
+    model = tiny_hf_llama(tie_word_embeddings=True)
+    model.save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "tokenizer.model").write_bytes(b"sentencepiece only")
+    with pytest.raises(HFConversionError, match="no tokenizer.json.*save_pretrained"):
+        convert_hf_checkpoint(tmp_path / "hf", tmp_path / "out")
+    assert not (tmp_path / "out").exists()

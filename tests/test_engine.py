@@ -12,7 +12,7 @@ TOLERANCE = 1e-5
 
 
 @pytest.fixture(scope="module")
-def make_engine(local_model, tokenizer):
+def make_engine(local_model, server_tokenizer):
     from pytest_mtserve.server.engine import InferenceEngine
 
     def make(eos_token_ids: set[int] | None = None) -> InferenceEngine:
@@ -20,8 +20,8 @@ def make_engine(local_model, tokenizer):
             local_model.runner,
             is_leader=True,
             share_tokens=lambda tokens: tokens,
-            eos_token_ids={tokenizer.eos_token_id} if eos_token_ids is None else eos_token_ids,
-            detokenizer=tokenizer,
+            eos_token_ids={server_tokenizer.eos_token_id} if eos_token_ids is None else eos_token_ids,
+            detokenizer=server_tokenizer,
         )
 
     return make

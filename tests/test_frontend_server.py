@@ -17,6 +17,7 @@ import psutil
 import pytest
 
 from pytest_mtserve.server.openai_api import FrontEndServer, create_app
+from pytest_mtserve.server.tokenizer import ServerTokenizer
 from pytest_mtserve.server.triton_binding import TritonClient, TritonEngineServer
 from pytest_mtserve.server.work import WorkItem, WorkResult
 
@@ -39,7 +40,7 @@ def fake_logprob(previous: int, token: int) -> float:
 
 
 class FakeEngine:
-    def __init__(self, tokenizer) -> None:
+    def __init__(self, tokenizer: ServerTokenizer) -> None:
         self.tokenizer = tokenizer
         self.batch_sizes: list[int] = []
 
@@ -51,7 +52,7 @@ class FakeEngine:
         if item.max_tokens == FAILING_MAX_TOKENS:
             raise RuntimeError("fake engine failure")
         if item.stop:  # pretend generation ran into the first stop string
-            generated = self.tokenizer(" yes" + item.stop[0] + " more", add_special_tokens=False)["input_ids"]
+            generated = self.tokenizer.encode(" yes" + item.stop[0] + " more")
             result = WorkResult(output_tokens=generated, finish_reason="stop", stop_string=item.stop[0])
         else:
             result = WorkResult(output_tokens=fake_generation(item.prompt_tokens, item.max_tokens), finish_reason="length")
@@ -83,7 +84,7 @@ def fake_generation(prompt: list[int], max_tokens: int) -> list[int]:
 class Stack:
     """Triton + front end, started and stopped the way the server's main does it."""
 
-    def __init__(self, tokenizer) -> None:
+    def __init__(self, tokenizer: ServerTokenizer) -> None:
         self.engine = FakeEngine(tokenizer)
         self.triton = TritonEngineServer(self.engine, max_batch_size=8, queue_delay_us=50_000)
         self.triton.start()
@@ -102,8 +103,8 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-def stack(tokenizer) -> Iterator[Stack]:
-    running = Stack(tokenizer)
+def stack(server_tokenizer) -> Iterator[Stack]:
+    running = Stack(server_tokenizer)
     yield running
     running.stop()
 
@@ -300,10 +301,10 @@ def _pytriton_leftovers() -> set[str]:
     return {str(p) for p in PYTRITON_HOME.iterdir()} | set(glob.glob(f"/dev/shm/pytrtion{os.getpid()}-*"))
 
 
-def test_stop_leaves_no_port_process_or_shared_memory(tokenizer) -> None:
+def test_stop_leaves_no_port_process_or_shared_memory(server_tokenizer) -> None:
     # The module's own stack runs meanwhile: compare against what existed before.
     processes_before, leftovers_before = _triton_processes(), _pytriton_leftovers()
-    own_stack = Stack(tokenizer)
+    own_stack = Stack(server_tokenizer)
     ports = [int(url.rsplit(":", 1)[1]) for url in (own_stack.url, own_stack.triton.url)]
     assert _triton_processes() > processes_before
     assert _pytriton_leftovers() > leftovers_before

@@ -14,6 +14,7 @@ from transformers import AutoTokenizer
 from pytest_mtserve.server.openai_api import FrontEndServer, create_app
 from pytest_mtserve.server.ports import PortInUseError, ensure_port_free, pick_free_port
 from pytest_mtserve.server.tiny_tokenizer import build_tiny_tokenizer
+from pytest_mtserve.server.tokenizer import load_tokenizer
 from pytest_mtserve.server.triton_binding import TritonEngineServer
 from pytest_mtserve.server.work import WorkItem, WorkResult
 
@@ -82,8 +83,8 @@ class FakeClient:
         return self.is_ready
 
 
-def test_front_end_on_busy_port_fails_naming_it(tokenizer, listener: int) -> None:
-    app = create_app(model_name="tiny", tokenizer=tokenizer, max_seq_length=64, client=FakeClient(True))
+def test_front_end_on_busy_port_fails_naming_it(server_tokenizer, listener: int) -> None:
+    app = create_app(model_name="tiny", tokenizer=server_tokenizer, max_seq_length=64, client=FakeClient(True))
     with pytest.raises(PortInUseError, match=f"port {listener} on 127.0.0.1 \\(HTTP front end\\).*--port 0"):
         FrontEndServer(app, "127.0.0.1", listener).start()
 
@@ -99,22 +100,22 @@ def _call(app, path: str, body: dict | None = None) -> httpx.Response:
 
 
 @pytest.mark.parametrize(("warmed_up", "triton_ready"), [(False, True), (True, False)])
-def test_health_is_503_until_warm_and_triton_ready(tokenizer, warmed_up: bool, triton_ready: bool) -> None:
-    app = create_app(model_name="tiny", tokenizer=tokenizer, max_seq_length=64, client=FakeClient(triton_ready))
+def test_health_is_503_until_warm_and_triton_ready(server_tokenizer, warmed_up: bool, triton_ready: bool) -> None:
+    app = create_app(model_name="tiny", tokenizer=server_tokenizer, max_seq_length=64, client=FakeClient(triton_ready))
     app.state.warmed_up = warmed_up
     response = _call(app, "/v1/health")
     assert response.status_code == 503
     assert response.json()["error"]["type"] == "ServiceUnavailableError"
 
 
-def test_health_is_200_when_warm_and_triton_ready(tokenizer) -> None:
-    app = create_app(model_name="tiny", tokenizer=tokenizer, max_seq_length=64, client=FakeClient(True))
+def test_health_is_200_when_warm_and_triton_ready(server_tokenizer) -> None:
+    app = create_app(model_name="tiny", tokenizer=server_tokenizer, max_seq_length=64, client=FakeClient(True))
     app.state.warmed_up = True
     assert _call(app, "/v1/health").json() == {"status": "ok"}
 
 
 def test_chat_without_template_is_a_clear_400(tokenizer_dir: Path) -> None:
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tokenizer = load_tokenizer(tokenizer_dir)
     tokenizer.chat_template = None
     app = create_app(model_name="tiny", tokenizer=tokenizer, max_seq_length=64, client=FakeClient(True))
     response = _call(app, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})

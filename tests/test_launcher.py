@@ -95,6 +95,11 @@ def test_server_command_carries_the_settings() -> None:
     assert pairs["--host"] == "127.0.0.1"
 
 
+def test_server_command_runs_the_chosen_interpreter() -> None:
+    command = server_command(ServerSettings(checkpoint=Path("/ckpt/run"), python="/envs/server/bin/python"))
+    assert command[:3] == ["/envs/server/bin/python", "-m", "pytest_mtserve.server"]
+
+
 def test_shared_server_starts_once_and_the_last_worker_stops_it(tmp_path: Path) -> None:
     command = fake_server(tmp_path, f"{READY}\ntime.sleep(60)\n")
     starts: list[RunningServer] = []

@@ -57,9 +57,10 @@ def test_megatron_lm_marker_and_highest_number(run_dir: Path) -> None:
         (lambda d: (d / "iter_0000001" / "run_config.yaml").write_text("model: [unclosed"), "cannot parse"),
         (lambda d: (d / "iter_0000001" / "run_config.yaml").write_text("trainer: {}\n"), "no model: mapping"),
         (lambda d: shutil.rmtree(d / "iter_0000001" / "tokenizer"), "no Hugging Face tokenizer"),
+        (lambda d: (d / "iter_0000001" / "tokenizer" / "tokenizer.json").unlink(), "has no tokenizer.json.*fast tokenizer"),
         (lambda d: (d / "iter_0000001" / "metadata.json").unlink(), "holds no torch_dist weights"),
     ],
-    ids=["missing-path", "no-iteration", "dangling-marker", "no-run-config", "bad-yaml", "no-model-section", "no-tokenizer", "no-shards"],
+    ids=["missing-path", "no-iteration", "dangling-marker", "no-run-config", "bad-yaml", "no-model-section", "no-tokenizer", "no-tokenizer-json", "no-shards"],
 )
 def test_bad_checkpoints_name_the_problem(run_dir: Path, breakage, message: str) -> None:
     breakage(run_dir)
@@ -101,3 +102,22 @@ def test_server_command_refuses_bad_input_quickly(tiny_checkpoint: Path, args: l
     assert message in result.stderr
     assert "Traceback" not in result.stderr
     assert time.monotonic() - started < 60  # no process group was started
+
+
+def test_a_random_weight_checkpoint_loads_with_the_requested_spread(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    code = (
+        "import sys, torch; from pathlib import Path\n"
+        "from pytest_mtserve.server.architecture import run_config_model_section\n"
+        "from pytest_mtserve.server.checkpoint_writer import write_random_checkpoint\n"
+        "from pytest_mtserve.server.local_model import load_model\n"
+        "from pytest_mtserve.server.tiny_checkpoint import TINY_ARCHITECTURE\n"
+        "config = run_config_model_section(TINY_ARCHITECTURE, 'megatron.bridge.models.llama.LlamaModelProvider')\n"
+        "tokenizer = next(Path(sys.argv[1]).glob('iter_*')) / 'tokenizer'\n"
+        "write_random_checkpoint(Path(sys.argv[2]), model_config=config, tokenizer_dir=tokenizer, device=torch.device('cpu'), dtype=torch.float32)\n"
+        "weights = torch.cat([p.flatten() for p in load_model(sys.argv[2]).runner.model.parameters()])\n"
+        "print('STD', weights.std().item())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(tiny_checkpoint), str(tmp_path / "random")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    std = float(done.stdout.split("STD")[-1])
+    assert 0.019 < std < 0.021

@@ -57,6 +57,14 @@ def test_tp2_matches_tp1(tiny_server_tp1, tiny_server_tp2) -> None:
         assert_close(echo_logprobs(tiny_server_tp2, prompt), echo_logprobs(tiny_server_tp1, prompt))
 
 
+def test_sdpa_attention_serves_what_unfused_does(tiny_server_tp1, start_tiny_server) -> None:
+    sdpa = start_tiny_server("--tp", "1", "--attention-backend", "sdpa")  # the GPU default, on the CPU here
+    for prompt in PROMPTS:
+        assert_close(echo_logprobs(sdpa, prompt), echo_logprobs(tiny_server_tp1, prompt))
+    texts = [complete(s, prompt=PROMPTS[2], max_tokens=10, temperature=0)["choices"][0]["text"] for s in (sdpa, tiny_server_tp1)]
+    assert texts[0] == texts[1]
+
+
 def test_tp2_greedy_generation_matches_tp1(tiny_server_tp1, tiny_server_tp2) -> None:
     texts = [complete(s, prompt=PROMPTS[2], max_tokens=10, temperature=0, logprobs=1)["choices"][0] for s in (tiny_server_tp1, tiny_server_tp2)]
     assert texts[0]["text"] == texts[1]["text"]

@@ -3,8 +3,8 @@
 # --tokenizer is needed by log-likelihood benchmarks (arc_challenge, hellaswag, ...) only.
 
 
-def test_regression(check_benchmark, benchmark):
-    check_benchmark(benchmark)
+def test_regression(check_benchmark, benchmark_name):
+    check_benchmark(benchmark_name)
 
 
 def test_served_model(mtserve_endpoint):

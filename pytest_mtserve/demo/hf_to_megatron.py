@@ -221,10 +221,10 @@ class HFTensors:
 
 def _copy_tokenizer(src: Path, dst: Path) -> Path:
     present = [src / name for name in TOKENIZER_FILES if (src / name).is_file()]
-    if not any(path.name in ("tokenizer.json", "tokenizer.model", "vocab.json") for path in present):
+    if not (src / "tokenizer.json").is_file():  # the server reads fast tokenizers only
         raise HFConversionError(
-            f"{src} has no tokenizer (tokenizer.json, tokenizer.model or vocab.json); "
-            "save the tokenizer into the model folder with tokenizer.save_pretrained(SRC)"
+            f"{src} has no tokenizer.json; save the model's fast tokenizer into it with "
+            "transformers.AutoTokenizer.from_pretrained(SRC).save_pretrained(SRC)"
         )
     dst.mkdir(parents=True)
     for path in present:

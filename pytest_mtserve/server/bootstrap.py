@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from pytest_mtserve.server.distributed import ParallelGroups, init_parallel, resolve_device, shutdown_parallel
 from pytest_mtserve.server.engine import InferenceEngine
 from pytest_mtserve.server.options import ServerOptions
 from pytest_mtserve.server.rank_coordinator import ControlChannel, Leader, follow
+from pytest_mtserve.server.tokenizer import ServerTokenizer, load_tokenizer
 
 
 @dataclass
@@ -16,7 +16,7 @@ class Rank:
     groups: ParallelGroups
     engine: InferenceEngine
     channel: ControlChannel
-    tokenizer: Any  # rank 0 only
+    tokenizer: ServerTokenizer | None  # rank 0 only
     leader: Leader | None  # rank 0 only
 
     @property
@@ -31,8 +31,6 @@ class Rank:
 
 
 def build_rank(options: ServerOptions) -> Rank:
-    from transformers import AutoTokenizer
-
     from pytest_mtserve.server.checkpoint import locate_checkpoint
     from pytest_mtserve.server.model import load_checkpoint_model
     from pytest_mtserve.server.model_runner import ModelRunner
@@ -40,9 +38,13 @@ def build_rank(options: ServerOptions) -> Rank:
     info = locate_checkpoint(options.checkpoint)
     groups = init_parallel(options.tp, options.pp, resolve_device(options.device))
     model = load_checkpoint_model(
-        info, device=groups.device, dtype=options.dtype, max_sequence_length=options.inference_max_seq_length
+        info,
+        device=groups.device,
+        dtype=options.dtype,
+        max_sequence_length=options.inference_max_seq_length,
+        attention_backend=options.attention_backend,
     )
-    tokenizer = AutoTokenizer.from_pretrained(str(info.tokenizer_dir)) if groups.rank == 0 else None
+    tokenizer = load_tokenizer(info.tokenizer_dir) if groups.rank == 0 else None
     channel = ControlChannel(groups.control_group, groups.world_size)
     engine = InferenceEngine(
         ModelRunner(model, info.architecture, groups.device),

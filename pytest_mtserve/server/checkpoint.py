@@ -134,9 +134,16 @@ def _embedding_rows(iteration_dir: Path) -> int | None:
 
 
 def _tokenizer_dir(iteration_dir: Path) -> Path:
-    for candidate in (iteration_dir / "tokenizer", iteration_dir.parent / "tokenizer"):
-        if (candidate / "tokenizer.json").exists() or (candidate / "tokenizer_config.json").exists():
+    candidates = (iteration_dir / "tokenizer", iteration_dir.parent / "tokenizer")
+    for candidate in candidates:
+        if (candidate / "tokenizer.json").exists():
             return candidate
+    for candidate in candidates:
+        if candidate.is_dir():  # e.g. only a SentencePiece tokenizer.model: the server reads fast tokenizers only
+            raise CheckpointError(
+                f"{candidate} has no tokenizer.json; the server needs a Hugging Face fast tokenizer. Write one with "
+                f"transformers.AutoTokenizer.from_pretrained(MODEL).save_pretrained('{candidate}')"
+            )
     raise CheckpointError(
         f"no Hugging Face tokenizer in {iteration_dir / 'tokenizer'}; copy the model's tokenizer files "
         "(tokenizer.json, tokenizer_config.json) there"

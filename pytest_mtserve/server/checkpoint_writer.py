@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -31,6 +32,47 @@ def write_checkpoint(
     The iteration folder is built under a temporary name and renamed into place, so a
     killed writer never leaves a checkpoint that looks complete. Returns the folder.
     """
+
+    def load(model: torch.nn.Module) -> None:
+        result = model.load_state_dict(state_dict, strict=False)
+        missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+        if missing or result.unexpected_keys:
+            raise ValueError(f"state_dict does not match the architecture: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+
+    return _write(run_dir, model_config, tokenizer_dir, iteration, load, torch.device("cpu"), torch.float32)
+
+
+def write_random_checkpoint(
+    run_dir: Path,
+    *,
+    model_config: dict,
+    tokenizer_dir: Path,
+    device: torch.device,
+    dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
+) -> Path:
+    """A checkpoint of normal(0, 0.02) weights, built on ``device`` in ``dtype``: for
+    throughput measurements, where only shapes matter (a GPU fills an 8B model in seconds,
+    and timing kernels on zeros would flatter them)."""
+
+    def fill(model: torch.nn.Module) -> None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.normal_(0.0, 0.02, generator=generator)
+
+    return _write(run_dir, model_config, tokenizer_dir, 1, fill, device, dtype)
+
+
+def _write(
+    run_dir: Path,
+    model_config: dict,
+    tokenizer_dir: Path,
+    iteration: int,
+    fill: Callable[[torch.nn.Module], None],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> Path:
     arch = architecture_from_run_config(model_config, "model_config")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -39,7 +81,7 @@ def write_checkpoint(
         raise FileExistsError(f"{final_dir} already exists; remove it or write another iteration")
     staging = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.", dir=run_dir))
     try:
-        _save_weights(arch, state_dict, staging)
+        _save_weights(arch, staging, fill, device, dtype)
         (staging / "run_config.yaml").write_text(yaml.safe_dump({"model": model_config}, sort_keys=False))
         shutil.copytree(tokenizer_dir, staging / "tokenizer")
         torch.save({"iteration": iteration, "consumed_train_samples": 0}, staging / "train_state.pt")
@@ -53,7 +95,7 @@ def write_checkpoint(
     return final_dir
 
 
-def _save_weights(arch, state_dict: dict[str, torch.Tensor], directory: Path) -> None:
+def _save_weights(arch, directory: Path, fill: Callable[[torch.nn.Module], None], device: torch.device, dtype: torch.dtype) -> None:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
@@ -62,13 +104,10 @@ def _save_weights(arch, state_dict: dict[str, torch.Tensor], directory: Path) ->
 
     started_here = not torch.distributed.is_initialized()
     if started_here:
-        init_parallel(tp=1, pp=1, device=torch.device("cpu"))
+        init_parallel(tp=1, pp=1, device=device, cpu_collectives=True)
     try:
-        model = build_model(arch, device=torch.device("cpu"), dtype=torch.float32, max_sequence_length=arch.seq_length)
-        result = model.load_state_dict(state_dict, strict=False)
-        missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
-        if missing or result.unexpected_keys:
-            raise ValueError(f"state_dict does not match the architecture: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+        model = build_model(arch, device=device, dtype=dtype, max_sequence_length=arch.seq_length)
+        fill(model)
         strategy = TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1)
         dist_checkpointing.save(model.sharded_state_dict(), str(directory), sharded_strategy=strategy)
     finally:

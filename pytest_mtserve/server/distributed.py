@@ -33,8 +33,12 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
-def init_parallel(tp: int, pp: int, device: torch.device) -> ParallelGroups:
-    """Join the torchrun process group and set up Megatron's tensor/pipeline groups."""
+def init_parallel(tp: int, pp: int, device: torch.device, *, cpu_collectives: bool = False) -> ParallelGroups:
+    """Join the torchrun process group and set up Megatron's tensor/pipeline groups.
+
+    ``cpu_collectives``: on CUDA, let the default group also carry CPU tensors (gloo beside
+    NCCL), which dist_checkpointing's save needs.
+    """
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import random as tp_random
 
@@ -46,7 +50,7 @@ def init_parallel(tp: int, pp: int, device: torch.device) -> ParallelGroups:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
-        backend = "nccl"
+        backend = "cpu:gloo,cuda:nccl" if cpu_collectives else "nccl"
     else:
         from pytest_mtserve.server.cpu_compat import apply_cpu_compat
 

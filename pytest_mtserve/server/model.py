@@ -7,11 +7,9 @@ from pathlib import Path
 import torch
 
 from pytest_mtserve.server.architecture import ModelArchitecture
+from pytest_mtserve.server.options import ATTENTION_BACKENDS
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Core attention of the local spec: Megatron's unfused softmax(QK^T)V, or torch's fused
-# scaled_dot_product_attention (see sdpa_attention.py).
-ATTENTION_BACKENDS = ("unfused", "sdpa")
 
 
 def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
@@ -66,10 +64,16 @@ def build_model(
     return model.to(device=device, dtype=dtype).eval()
 
 
-def load_checkpoint_model(info, *, device: torch.device, dtype: str, max_sequence_length: int):
+def load_checkpoint_model(
+    info, *, device: torch.device, dtype: str, max_sequence_length: int, attention_backend: str = "unfused"
+):
     """This rank's part of the checkpoint ``info`` (a CheckpointInfo), ready for inference."""
     model = build_model(
-        info.architecture, device=device, dtype=resolve_dtype(dtype, device), max_sequence_length=max_sequence_length
+        info.architecture,
+        device=device,
+        dtype=resolve_dtype(dtype, device),
+        max_sequence_length=max_sequence_length,
+        attention_backend=attention_backend,
     )
     load_weights(model, info.iteration_dir)
     return model

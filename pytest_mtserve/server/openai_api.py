@@ -43,6 +43,7 @@ from .openai_protocol import (
     UsageInfo,
 )
 from .ports import bind_listening_socket
+from .tokenizer import ServerTokenizer
 from .triton_binding import TritonInferenceError, TritonUnavailableError
 from .work import SamplingParams, WorkItem, WorkResult
 
@@ -105,29 +106,31 @@ class Prompt:
 class _TokenTexts:
     """Token ids -> the strings reported in log-probs, and texts for whole sequences."""
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: ServerTokenizer) -> None:
         self._tokenizer = tokenizer
         # A token's text alone never depends on its neighbours, so caching it is exact; an
         # echoed prompt needs one piece per token plus one per top alternative.
         self._pieces: dict[int, str] = {}
 
     def encode(self, text: str) -> list[int]:
-        return list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
+        return self._tokenizer.encode(text)
 
     def decode(self, token_ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
-        return self._tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+        return self._tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
     def pieces(self, token_ids: Sequence[int]) -> list[str]:
         missing = [token_id for token_id in set(token_ids) if token_id not in self._pieces]
         if missing:
-            self._pieces.update(zip(missing, self._tokenizer.batch_decode([[token_id] for token_id in missing])))
+            self._pieces.update(zip(missing, self._tokenizer.decode_each(missing)))
         return [self._pieces[token_id] for token_id in token_ids]
 
 
-def create_app(*, model_name: str, tokenizer: Any, max_seq_length: int, client: InferenceClient) -> FastAPI:
+def create_app(
+    *, model_name: str, tokenizer: ServerTokenizer, max_seq_length: int, client: InferenceClient
+) -> FastAPI:
     """Build the FastAPI app. It closes ``client`` (if it has ``aclose``) on shutdown."""
     texts = _TokenTexts(tokenizer)
-    vocab_size = len(tokenizer)
+    vocab_size = tokenizer.vocab_size
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -321,8 +324,8 @@ def _stop_strings(stop: str | list[str] | None) -> list[str]:
     return strings
 
 
-def _chat_prompt(messages: list[ChatMessage], tokenizer: Any, texts: _TokenTexts) -> Prompt:
-    if not getattr(tokenizer, "chat_template", None):
+def _chat_prompt(messages: list[ChatMessage], tokenizer: ServerTokenizer, texts: _TokenTexts) -> Prompt:
+    if not tokenizer.chat_template:
         raise OpenAIError(
             "this model's tokenizer has no chat template, so /v1/chat/completions cannot be served; "
             "use /v1/completions",
@@ -330,7 +333,7 @@ def _chat_prompt(messages: list[ChatMessage], tokenizer: Any, texts: _TokenTexts
         )
     conversation = [{"role": m.role, "content": _message_text(m)} for m in messages]
     try:
-        text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.render_chat(conversation)
     except Exception as error:  # the template's own checks (e.g. role order) raise jinja errors
         raise OpenAIError(f"the chat template refused these messages: {error}", param="messages") from None
     return Prompt(texts.encode(text), text)

@@ -9,6 +9,10 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
+# Core attention of the local spec: Megatron's unfused softmax(QK^T)V, or torch's fused
+# scaled_dot_product_attention (see sdpa_attention.py).
+ATTENTION_BACKENDS = ("unfused", "sdpa")
+
 
 @dataclass(frozen=True)
 class ServerOptions:
@@ -23,6 +27,7 @@ class ServerOptions:
     model_name: str
     device: str
     dtype: str
+    attention_backend: str
     queue_delay_us: int
     request_timeout: float
 
@@ -54,6 +59,10 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
                         help="auto uses the GPUs when there are any (default: auto)")
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                         help="compute dtype; auto is bfloat16 on GPU, float32 on CPU (default: auto)")
+    parser.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="unfused",
+                        help="core attention: Megatron's unfused softmax(QK^T)V, or torch's fused "
+                             "scaled_dot_product_attention (sdpa; experimental on GPUs, see "
+                             "docs/performance.md) (default: unfused)")
     parser.add_argument("--queue-delay-us", type=int, default=2000,
                         help="how long Triton waits to fill a batch, in microseconds (default: 2000)")
     parser.add_argument("--request-timeout", type=float, default=600.0,
@@ -84,5 +93,6 @@ def to_argv(options: ServerOptions) -> list[str]:
         "--inference-max-seq-length", str(options.inference_max_seq_length),
         "--host", options.host, "--port", str(options.port), "--triton-port", str(options.triton_port),
         "--model-name", options.model_name, "--device", options.device, "--dtype", options.dtype,
+        "--attention-backend", options.attention_backend,
         "--queue-delay-us", str(options.queue_delay_us), "--request-timeout", str(options.request_timeout),
     ]

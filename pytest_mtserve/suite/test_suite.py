@@ -3,5 +3,5 @@
 from collections.abc import Callable
 
 
-def test_regression(check_benchmark: Callable[[str], object], benchmark: str) -> None:
-    check_benchmark(benchmark)
+def test_regression(check_benchmark: Callable[[str], object], benchmark_name: str) -> None:
+    check_benchmark(benchmark_name)
