@@ -64,6 +64,14 @@ def test_kv_cached_generation_matches_a_full_forward(make_engine, local_model, p
     assert greedy == result.output_tokens
 
 
+def test_prefill_of_last_positions_only_equals_the_full_prefill_there(local_model, prompts) -> None:
+    full = local_model.runner.prefill(prompts)
+    last = local_model.runner.prefill(prompts, last_positions_only=True)
+    assert last.shape == (len(prompts), 1, full.shape[-1])
+    for row, prompt in enumerate(prompts):  # mixed lengths: each row's own last token
+        torch.testing.assert_close(last[row, 0], full[row, len(prompt) - 1], atol=1e-5, rtol=0)
+
+
 def test_a_request_gets_the_same_result_alone_or_in_a_mixed_batch(make_engine, prompts) -> None:
     engine = make_engine(eos_token_ids=set())
     items = [

@@ -63,7 +63,9 @@ class InferenceEngine:
         needs_cache = any(r.item.max_tokens > 1 for r in rows)
         cache = self.runner.new_cache(len(rows), longest) if needs_cache else None
 
-        logits = self.runner.prefill([r.item.prompt_tokens for r in rows], cache)
+        # Only echoed prompts with log-probs read the logits of every prompt position.
+        every_position = any(r.item.echo and r.item.logprobs is not None for r in rows)
+        logits = self.runner.prefill([r.item.prompt_tokens for r in rows], cache, last_positions_only=not every_position)
         # Work only rank 0 does must not leave the other ranks waiting for its next message:
         # on an error rank 0 still sends "every row is done", then raises.
         errors: list[Exception] = []
@@ -73,7 +75,9 @@ class InferenceEngine:
                     self._record_prompt(row, logits[row_index])
             except Exception as error:
                 errors.append(error)
-        next_logits = {i: logits[i, r.position - 1] for i, r in enumerate(rows) if r.item.max_tokens > 0}
+        next_logits = {
+            i: logits[i, r.position - 1 if every_position else 0] for i, r in enumerate(rows) if r.item.max_tokens > 0
+        }
         while next_logits:
             feed = self._choose(rows, next_logits, errors)
             next_logits = self._decode_step(rows, feed, cache)

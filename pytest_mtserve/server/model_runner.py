@@ -6,6 +6,9 @@ the attention mask hides padding and the future, and masked keys contribute exac
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+
 import torch
 
 from pytest_mtserve.server.architecture import ModelArchitecture
@@ -25,8 +28,9 @@ class ModelRunner:
         return cache
 
     @torch.inference_mode()
-    def prefill(self, prompts: list[list[int]], cache=None) -> torch.Tensor:
-        """Logits [batch, longest prompt, vocab] for every prompt position."""
+    def prefill(self, prompts: list[list[int]], cache=None, *, last_positions_only: bool = False) -> torch.Tensor:
+        """Logits [batch, longest prompt, vocab] for every prompt position, or with
+        ``last_positions_only`` [batch, 1, vocab] at each prompt's last token."""
         lengths = torch.tensor([len(p) for p in prompts], device=self.device)
         width = int(lengths.max())
         tokens = torch.zeros(len(prompts), width, dtype=torch.long, device=self.device)
@@ -36,12 +40,30 @@ class ModelRunner:
         future = positions[None, :] > positions[:, None]  # [query, key]
         padding = positions[None, :] >= lengths[:, None]  # [row, key]
         mask = (future[None, :, :] | padding[:, None, :])[:, None]  # [row, 1, query, key]
-        logits = self.model(
-            tokens, positions.expand(len(prompts), -1), mask, inference_context=cache, runtime_gather_output=True
-        )
+        with self._output_layer_only_at(lengths - 1) if last_positions_only else nullcontext():
+            logits = self.model(
+                tokens, positions.expand(len(prompts), -1), mask, inference_context=cache, runtime_gather_output=True
+            )
         if cache is not None:
             cache.sequence_len_offset = width
         return logits[..., : self.vocab_size]
+
+    @contextmanager
+    def _output_layer_only_at(self, positions: torch.Tensor) -> Iterator[None]:
+        """Feed the output layer one position per row: a generation needs no other logits,
+        and over a long prompt the vocabulary projection of every position (and its
+        [batch, length, vocab] result) is a large share of the prefill's cost."""
+        rows = torch.arange(len(positions), device=positions.device)
+
+        def select(module, args, kwargs):
+            hidden = args[0]  # [sequence, batch, hidden]
+            return (hidden[positions, rows][None], *args[1:]), kwargs
+
+        handle = self.model.output_layer.register_forward_pre_hook(select, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
 
     @torch.inference_mode()
     def decode(self, cache, tokens: list[int], first_row: int, position: int) -> torch.Tensor:
