@@ -4,7 +4,9 @@
 # Records baselines of the built-in suite (--update-baselines), then gates a second run
 # against them under pytest-xdist (-n 2, one shared server): with bf16 on a GPU the
 # per-question outcomes must repeat exactly, so the gate passes with no discordant pairs.
-# Without CHECKPOINT the tiny test checkpoint is written to WORKDIR.
+# Without CHECKPOINT the tiny test checkpoint is written to WORKDIR. GATE_BENCHMARKS and
+# GATE_LIMITS override --benchmarks / --limit-samples (DATASETS must hold their data);
+# GATE_DEVICE=cpu makes it a dry run without a GPU.
 set -euo pipefail
 server_python="$1" eval_python="$2" datasets="$3" work="$4"
 checkpoint="${5:-$work/tiny}"
