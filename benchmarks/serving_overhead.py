@@ -106,14 +106,15 @@ def total_tokens(requests: Sequence[ScoringRequest]) -> int:
 # --- (a) direct engine calls ------------------------------------------------------------------
 
 
-def direct_scorer(checkpoint: Path, device: str) -> Callable[[Sequence[ScoringRequest]], list[list[float | None]]]:
+def direct_scorer(
+    checkpoint: Path, device: str, tokenizer: ServerTokenizer
+) -> Callable[[Sequence[ScoringRequest]], list[list[float | None]]]:
     """Loads the model here (TP1); the scorer runs one engine batch and returns prompt log-probs."""
     from pytest_mtserve.server.engine import InferenceEngine
     from pytest_mtserve.server.local_model import load_model
     from pytest_mtserve.server.work import WorkItem
 
     local = load_model(checkpoint, device=device)
-    tokenizer = load_tokenizer(local.info.tokenizer_dir)
     engine = InferenceEngine(
         local.runner, is_leader=True, share_tokens=lambda t: t, eos_token_ids=set(), detokenizer=tokenizer
     )
@@ -225,7 +226,7 @@ def run(args: argparse.Namespace, checkpoint: Path, scratch: Path) -> float:
 
     server = start_server_for(checkpoint, scratch, args)
     try:
-        score = direct_scorer(checkpoint, args.device)
+        score = direct_scorer(checkpoint, args.device, tokenizer)
         measure_direct(score, warmup, args.max_batch_size)
         measure_served(server.pid, server.url, server.model, warmup, args.clients)
         difference = max(

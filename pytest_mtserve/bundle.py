@@ -201,10 +201,11 @@ _INSTALLER = r"""#!/usr/bin/env bash
 #   PYTHON=/path/to/python ./install.sh      (default: python3 on PATH)
 #   EVAL_PYTHON=/path/to/other/python ...    also the evaluation stack (bundles made with
 #                                            --with-eval) into a second environment
-# Use virtual environments (`python3 -m venv --system-site-packages DIR`) to keep the
-# host's own environment untouched. The two stay apart because the server needs numpy<2
-# (PyTriton) while an image's pandas, pyarrow and scipy, which the evaluation imports,
-# need the image's numpy 2.
+# Use virtual environments that see the image's packages after their own to keep the
+# host's environment untouched (docs/offline-gpu.md: where the image's python3 is itself a
+# venv, --system-site-packages does not see its packages). The two stay apart because the
+# server needs numpy<2 (PyTriton) while an image's pandas, pyarrow and scipy, which the
+# evaluation imports, need the image's numpy 2.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 python="${PYTHON:-python3}"

@@ -53,13 +53,13 @@ class ServerSettings:
     port: int = 0
     device: str = "auto"
     model_name: str = "megatron_model"
-    python: str = sys.executable
+    python: str | None = None  # the server's interpreter; None: this one
 
 
 def server_command(settings: ServerSettings) -> list[str]:
     """The command line that starts the server for ``settings`` (on 127.0.0.1 only)."""
     return [
-        settings.python, "-m", "pytest_mtserve.server",
+        settings.python or sys.executable, "-m", "pytest_mtserve.server",
         "--checkpoint", str(settings.checkpoint),
         "--tp", str(settings.tp),
         "--pp", str(settings.pp),

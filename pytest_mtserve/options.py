@@ -228,7 +228,7 @@ class MtserveOptions:
             inference_max_seq_length=self.inference_max_seq_length,
             port=self.server_port,
             device=self.device,
-            **({"python": self.server_python} if self.server_python else {}),
+            python=self.server_python,
         )
 
 

@@ -221,11 +221,10 @@ class HFTensors:
 
 def _copy_tokenizer(src: Path, dst: Path) -> Path:
     present = [src / name for name in TOKENIZER_FILES if (src / name).is_file()]
-    if not (src / "tokenizer.json").is_file():  # the server reads fast tokenizers only
-        raise HFConversionError(
-            f"{src} has no tokenizer.json; save the model's fast tokenizer into it with "
-            "transformers.AutoTokenizer.from_pretrained(SRC).save_pretrained(SRC)"
-        )
+    if not (src / "tokenizer.json").is_file():
+        from pytest_mtserve.server.tokenizer import missing_fast_tokenizer
+
+        raise HFConversionError(missing_fast_tokenizer(src))
     dst.mkdir(parents=True)
     for path in present:
         shutil.copy2(path, dst / path.name)

@@ -140,10 +140,9 @@ def _tokenizer_dir(iteration_dir: Path) -> Path:
             return candidate
     for candidate in candidates:
         if candidate.is_dir():  # e.g. only a SentencePiece tokenizer.model: the server reads fast tokenizers only
-            raise CheckpointError(
-                f"{candidate} has no tokenizer.json; the server needs a Hugging Face fast tokenizer. Write one with "
-                f"transformers.AutoTokenizer.from_pretrained(MODEL).save_pretrained('{candidate}')"
-            )
+            from pytest_mtserve.server.tokenizer import missing_fast_tokenizer
+
+            raise CheckpointError(missing_fast_tokenizer(candidate))
     raise CheckpointError(
         f"no Hugging Face tokenizer in {iteration_dir / 'tokenizer'}; copy the model's tokenizer files "
         "(tokenizer.json, tokenizer_config.json) there"

@@ -97,14 +97,19 @@ _CLEAN_UP_REPLACEMENTS = (
 )  # fmt: skip
 
 
+def missing_fast_tokenizer(directory: Path) -> str:
+    """The error for a tokenizer folder without ``tokenizer.json``, naming the fix."""
+    return (
+        f"{directory} has no tokenizer.json; the server needs a Hugging Face fast tokenizer. Write one with "
+        f"transformers.AutoTokenizer.from_pretrained(MODEL).save_pretrained('{directory}')"
+    )
+
+
 def load_tokenizer(directory: Path) -> ServerTokenizer:
     """Read a Hugging Face tokenizer directory (``tokenizer.json`` plus its optional configs)."""
     tokenizer_file = directory / "tokenizer.json"
     if not tokenizer_file.is_file():
-        raise TokenizerError(
-            f"{directory} has no tokenizer.json; the server needs a Hugging Face fast tokenizer. Write one with "
-            f"transformers.AutoTokenizer.from_pretrained(MODEL).save_pretrained('{directory}')"
-        )
+        raise TokenizerError(missing_fast_tokenizer(directory))
     try:
         backend = Tokenizer.from_file(str(tokenizer_file))
     except Exception as error:  # noqa: BLE001 - the Rust parser raises bare Exception, naming no file
