@@ -35,6 +35,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from forward_perf import SHAPES  # noqa: E402
 
+from pytest_mtserve.server.options import ATTENTION_BACKENDS  # noqa: E402
 from pytest_mtserve.server.tokenizer import ServerTokenizer, load_tokenizer  # noqa: E402
 
 WORDS = (
@@ -107,14 +108,14 @@ def total_tokens(requests: Sequence[ScoringRequest]) -> int:
 
 
 def direct_scorer(
-    checkpoint: Path, device: str, tokenizer: ServerTokenizer
+    checkpoint: Path, device: str, attention_backend: str, tokenizer: ServerTokenizer
 ) -> Callable[[Sequence[ScoringRequest]], list[list[float | None]]]:
     """Loads the model here (TP1); the scorer runs one engine batch and returns prompt log-probs."""
     from pytest_mtserve.server.engine import InferenceEngine
     from pytest_mtserve.server.local_model import load_model
     from pytest_mtserve.server.work import WorkItem
 
-    local = load_model(checkpoint, device=device)
+    local = load_model(checkpoint, device=device, attention_backend=attention_backend)
     engine = InferenceEngine(
         local.runner, is_leader=True, share_tokens=lambda t: t, eos_token_ids=set(), detokenizer=tokenizer
     )
@@ -211,7 +212,8 @@ def start_server_for(checkpoint: Path, log_dir: Path, args: argparse.Namespace):
     from pytest_mtserve.launcher import ServerSettings, server_command, start_server
 
     settings = ServerSettings(checkpoint=checkpoint, device=args.device, max_batch_size=args.max_batch_size, python=args.server_python)
-    return start_server([*server_command(settings), *args.server_arg], log_dir / "server.log", timeout_s=600)
+    command = [*server_command(settings), f"--attention-backend={args.attention_backend}", *args.server_arg]
+    return start_server(command, log_dir / "server.log", timeout_s=600)
 
 
 def run(args: argparse.Namespace, checkpoint: Path, scratch: Path) -> float:
@@ -226,7 +228,7 @@ def run(args: argparse.Namespace, checkpoint: Path, scratch: Path) -> float:
 
     server = start_server_for(checkpoint, scratch, args)
     try:
-        score = direct_scorer(checkpoint, args.device, tokenizer)
+        score = direct_scorer(checkpoint, args.device, args.attention_backend, tokenizer)
         measure_direct(score, warmup, args.max_batch_size)
         measure_served(server.pid, server.url, server.model, warmup, args.clients)
         difference = max(
@@ -283,6 +285,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", type=Path, help="run directory to serve (default: a fresh tiny checkpoint)")
     parser.add_argument("--shape", choices=sorted(SHAPES), help="serve a random-weight checkpoint of this shape, built on --device")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where both paths run the model (default: cpu)")
+    parser.add_argument("--attention-backend", default="unfused", choices=ATTENTION_BACKENDS, help="core attention of both paths (default: unfused)")
     parser.add_argument("--server-python", default=sys.executable, help="interpreter of the server (default: this one)")
     parser.add_argument("--peer-python", help="also measure Hugging Face transformers under this interpreter (cuda)")
     parser.add_argument("--requests", type=int, default=384, help="timed requests per round (default: 384)")
@@ -305,20 +308,24 @@ def main(argv: list[str] | None = None) -> None:
 def make_checkpoint(scratch: Path, shape: str | None, device: str) -> Path:
     """The tiny test checkpoint, or random weights of ``shape`` (with the tiny tokenizer:
     its ids fit every shape's vocabulary, and only prompt lengths matter here)."""
+    if shape is None:
+        from pytest_mtserve.server.tiny_checkpoint import write_tiny_checkpoint
+
+        tiny = scratch / "tiny"
+        write_tiny_checkpoint(tiny)
+        return tiny
     import torch
 
-    from pytest_mtserve.server.tiny_checkpoint import write_tiny_checkpoint
-
-    tiny = scratch / "tiny"
-    write_tiny_checkpoint(tiny)
-    if shape is None:
-        return tiny
     from pytest_mtserve.server.architecture import run_config_model_section
     from pytest_mtserve.server.checkpoint_writer import write_random_checkpoint
+    from pytest_mtserve.server.tiny_tokenizer import build_tiny_tokenizer
 
+    # Only the tokenizer: writing the tiny checkpoint would adapt this process to the CPU.
+    tokenizer = scratch / "tiny-tokenizer"
+    build_tiny_tokenizer(tokenizer)
     model_config = run_config_model_section(SHAPES[shape], "megatron.bridge.models.llama.LlamaModelProvider")
     run_dir = scratch / shape
-    write_random_checkpoint(run_dir, model_config=model_config, tokenizer_dir=next(tiny.glob("iter_*")) / "tokenizer", device=torch.device(device))
+    write_random_checkpoint(run_dir, model_config=model_config, tokenizer_dir=tokenizer, device=torch.device(device))
     return run_dir
 
 

@@ -15,13 +15,14 @@ TOLERANCE = 1e-5
 def make_engine(local_model, server_tokenizer):
     from pytest_mtserve.server.engine import InferenceEngine
 
-    def make(eos_token_ids: set[int] | None = None) -> InferenceEngine:
+    def make(eos_token_ids: set[int] | None = None, group_by_length: bool = True) -> InferenceEngine:
         return InferenceEngine(
             local_model.runner,
             is_leader=True,
             share_tokens=lambda tokens: tokens,
             eos_token_ids={server_tokenizer.eos_token_id} if eos_token_ids is None else eos_token_ids,
             detokenizer=server_tokenizer,
+            group_by_length=group_by_length,
         )
 
     return make
@@ -43,6 +44,16 @@ def reference_logprobs(local_model, tokens: list[int]) -> list[float]:
 def assert_close(left: list[float], right: list[float]) -> None:
     assert len(left) == len(right)
     assert max((abs(a - b) for a, b in zip(left, right)), default=0.0) <= TOLERANCE
+
+
+def count_passes(model, work) -> int:
+    passes: list[int] = []
+    handle = model.register_forward_hook(lambda *args: passes.append(1))
+    try:
+        work()
+    finally:
+        handle.remove()
+    return len(passes)
 
 
 def test_echo_returns_the_models_log_probs_for_every_prompt_token(make_engine, local_model, prompts) -> None:
@@ -86,6 +97,34 @@ def test_a_request_gets_the_same_result_alone_or_in_a_mixed_batch(make_engine, p
         assert together.output_tokens == alone.output_tokens
         assert_close(together.output_logprobs, alone.output_logprobs)
         assert_close((together.prompt_logprobs or [None])[1:], (alone.prompt_logprobs or [None])[1:])
+
+
+def test_rows_of_different_lengths_decode_in_one_forward_pass_per_step(make_engine, local_model, prompts) -> None:
+    """One pass per step for the batch, not one per distinct prompt length (on a GPU, a
+    5-shot MMLU batch of 32 distinct lengths otherwise costs 32 small passes per token)."""
+    assert len({len(p) for p in prompts}) == len(prompts)
+    engine, results = make_engine(eos_token_ids=set(), group_by_length=False), []
+    passes = count_passes(local_model.runner.model, lambda: results.extend(engine.run([WorkItem(p, max_tokens=4) for p in prompts])))
+    assert [len(r.output_tokens) for r in results] == [4, 4, 4]
+    assert passes == 1 + 3  # the prefill, then three decode steps
+
+
+def test_very_different_prompt_lengths_run_as_groups_with_unchanged_results(make_engine, local_model, prompts) -> None:
+    long_prompt = (prompts[2] * 40)[:400]
+    items = [
+        WorkItem(prompts[1], max_tokens=3, logprobs=1),
+        WorkItem(long_prompt, max_tokens=2, logprobs=2, echo=True),
+        WorkItem(prompts[0], max_tokens=1, logprobs=1, echo=True),
+    ]
+    grouped, padded = make_engine(eos_token_ids=set()), make_engine(eos_token_ids=set(), group_by_length=False)
+    results = {}
+    passes = {name: count_passes(local_model.runner.model, lambda: results.setdefault(name, engine.run(items)))
+              for name, engine in (("grouped", grouped), ("padded", padded))}  # fmt: skip
+    assert passes["grouped"] > passes["padded"]  # the 400-token prompt ran apart from the short ones
+    for apart, together in zip(results["grouped"], results["padded"]):
+        assert apart.output_tokens == together.output_tokens
+        assert_close(apart.output_logprobs, together.output_logprobs)
+        assert_close((apart.prompt_logprobs or [None])[1:], (together.prompt_logprobs or [None])[1:])
 
 
 def test_seeded_sampling_is_reproducible_and_seed_dependent(make_engine, prompts) -> None:
@@ -155,8 +194,17 @@ def test_sdpa_attention_matches_unfused(local_model) -> None:
         model = build_model(TINY_ARCHITECTURE, device=torch.device("cpu"), dtype=torch.float32, max_sequence_length=64, attention_backend=backend)
         model.load_state_dict(tiny_state_dict(), strict=False)
         runner = ModelRunner(model, TINY_ARCHITECTURE, torch.device("cpu"))
-        cache = runner.new_cache(2, 16)
+        cache = runner.new_cache(2, 7, 9)
         prefill = runner.prefill(prompts, cache)
-        outputs[backend] = (prefill[0], prefill[1, :3], runner.decode(cache, [5], 1, 3))
+        outputs[backend] = (prefill[0], prefill[1, :3], runner.decode(cache, [5], 1))
     for unfused, sdpa in zip(outputs["unfused"], outputs["sdpa"]):
         torch.testing.assert_close(sdpa, unfused, rtol=1e-4, atol=1e-4)
+
+
+def test_a_process_adapted_to_the_cpu_refuses_cuda_with_a_clear_error(local_model) -> None:
+    """Megatron's CPU adaptation is process-wide: a GPU model after it would get some
+    tensors (rotary frequencies) on the CPU and fail deep inside attention."""
+    from pytest_mtserve.server.distributed import init_parallel
+
+    with pytest.raises(RuntimeError, match="process of its own"):
+        init_parallel(tp=1, pp=1, device=torch.device("cuda"))

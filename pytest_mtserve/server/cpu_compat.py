@@ -14,6 +14,10 @@ import torch
 _applied = False
 
 
+def cpu_compat_applied() -> bool:
+    return _applied
+
+
 def apply_cpu_compat() -> None:
     """Make Megatron-Core's hard-wired CUDA calls land on the CPU. Idempotent."""
     global _applied

@@ -47,6 +47,13 @@ def init_parallel(tp: int, pp: int, device: torch.device, *, cpu_collectives: bo
     if world_size != tp * pp:
         raise RuntimeError(f"WORLD_SIZE={world_size} but --tp {tp} x --pp {pp} = {tp * pp} ranks")
     if device.type == "cuda":
+        from pytest_mtserve.server.cpu_compat import cpu_compat_applied
+
+        if cpu_compat_applied():  # Megatron would put some tensors on the CPU, beside the model on the GPU
+            raise RuntimeError(
+                "this process already ran Megatron-Core on the CPU (a CPU model or checkpoint writer), "
+                "which cannot be undone; use the GPU from a process of its own"
+            )
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)

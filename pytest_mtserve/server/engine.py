@@ -5,10 +5,14 @@ forward passes (tensor parallelism needs all of them). Rank 0 alone turns logits
 tokens and log-probs; the tokens it picks reach the other ranks through ``share_tokens``
 each step, so all ranks agree on what comes next.
 
+A batch of very different prompt lengths runs as several groups of similar lengths
+(``batch_split``), so that short rows are not padded to the longest.
+
 Batch invariance: each row's prompt is scored at its true positions (right padding, exact
-masks) and each row decodes from its own KV-cache slots at its own position; sampling uses
-the row's own seeded generator. A request therefore gets the same result alone or inside
-any batch, up to floating-point reassociation inside matrix products.
+masks) and each row decodes from its own KV-cache slots at its own positions (all rows in
+one forward pass per step, see ``BatchCache``); sampling uses the row's own seeded
+generator. A request therefore gets the same result alone, inside any batch or any group,
+up to floating-point reassociation inside matrix products.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Callable, Protocol
 
 import torch
 
+from pytest_mtserve.server.batch_split import split_by_length
 from pytest_mtserve.server.model_runner import ModelRunner
 from pytest_mtserve.server.sampling import choose_token, row_generator, top_logprobs
 from pytest_mtserve.server.work import WorkItem, WorkResult
@@ -33,7 +38,6 @@ class Detokenizer(Protocol):
 @dataclass
 class _Row:
     item: WorkItem
-    position: int  # tokens in the KV cache so far (prompt + generated)
     generator: torch.Generator | None
     result: WorkResult = field(default_factory=lambda: WorkResult(output_tokens=[], finish_reason="length"))
     done: bool = False  # tracked on rank 0; the other ranks follow the shared tokens
@@ -48,8 +52,10 @@ class InferenceEngine:
         share_tokens: ShareTokens,
         eos_token_ids: set[int],
         detokenizer: Detokenizer | None,
+        group_by_length: bool = True,
     ):
         self.runner = runner
+        self.group_by_length = group_by_length
         self.is_leader = is_leader
         self.share_tokens = share_tokens
         self.eos_token_ids = eos_token_ids
@@ -58,29 +64,13 @@ class InferenceEngine:
     def run(self, items: list[WorkItem]) -> list[WorkResult]:
         """Results in the order of ``items`` (meaningful on rank 0 only)."""
         order = sorted(range(len(items)), key=lambda i: len(items[i].prompt_tokens))
-        rows = [_Row(items[i], len(items[i].prompt_tokens), self._generator(items[i])) for i in order]
-        longest = max(len(r.item.prompt_tokens) + r.item.max_tokens for r in rows)
-        needs_cache = any(r.item.max_tokens > 1 for r in rows)
-        cache = self.runner.new_cache(len(rows), longest) if needs_cache else None
-
-        # Only echoed prompts with log-probs read the logits of every prompt position.
-        every_position = any(r.item.echo and r.item.logprobs is not None for r in rows)
-        logits = self.runner.prefill([r.item.prompt_tokens for r in rows], cache, last_positions_only=not every_position)
+        rows = [_Row(items[i], self._generator(items[i])) for i in order]
         # Work only rank 0 does must not leave the other ranks waiting for its next message:
-        # on an error rank 0 still sends "every row is done", then raises.
+        # after an error rank 0 still runs every group, telling the others "every row is
+        # done" at each step, and raises at the end.
         errors: list[Exception] = []
-        if self.is_leader:
-            try:
-                for row_index, row in enumerate(rows):
-                    self._record_prompt(row, logits[row_index])
-            except Exception as error:
-                errors.append(error)
-        next_logits = {
-            i: logits[i, r.position - 1 if every_position else 0] for i, r in enumerate(rows) if r.item.max_tokens > 0
-        }
-        while next_logits:
-            feed = self._choose(rows, next_logits, errors)
-            next_logits = self._decode_step(rows, feed, cache)
+        for group in self._groups(rows):
+            self._run_group(rows[group.start : group.stop], errors)
         if errors:
             raise errors[0]
 
@@ -88,6 +78,34 @@ class InferenceEngine:
         for sorted_index, original_index in enumerate(order):
             results[original_index] = rows[sorted_index].result
         return results  # type: ignore[return-value]
+
+    def _groups(self, rows: list[_Row]) -> list[range]:
+        if not self.group_by_length:
+            return [range(len(rows))]
+        lengths = [len(r.item.prompt_tokens) for r in rows]
+        return split_by_length(lengths, [r.item.max_tokens for r in rows], self.runner.forward_cost)
+
+    def _run_group(self, rows: list[_Row], errors: list[Exception]) -> None:
+        """Prefill and decode rows (sorted by prompt length) as one batch."""
+        most_new_tokens = max(r.item.max_tokens for r in rows)
+        longest_prompt = len(rows[-1].item.prompt_tokens)
+        cache = self.runner.new_cache(len(rows), longest_prompt, most_new_tokens) if most_new_tokens > 1 else None
+
+        # Only echoed prompts with log-probs read the logits of every prompt position.
+        every_position = any(r.item.echo and r.item.logprobs is not None for r in rows)
+        logits = self.runner.prefill([r.item.prompt_tokens for r in rows], cache, last_positions_only=not every_position)
+        if self.is_leader and not errors:
+            try:
+                for row_index, row in enumerate(rows):
+                    self._record_prompt(row, logits[row_index])
+            except Exception as error:
+                errors.append(error)
+        next_logits = {
+            i: logits[i, len(r.item.prompt_tokens) - 1 if every_position else 0] for i, r in enumerate(rows) if r.item.max_tokens > 0
+        }
+        while next_logits:
+            feed = self._choose(rows, next_logits, errors)
+            next_logits = self._decode_step(rows, feed, cache)
 
     def _generator(self, item: WorkItem) -> torch.Generator | None:
         return row_generator(item.sampling) if self.is_leader else None
@@ -149,24 +167,15 @@ class InferenceEngine:
             row.done = True
 
     def _decode_step(self, rows: list[_Row], feed: list[int | None], cache) -> dict[int, torch.Tensor]:
-        """Feed each continuing row its new token; returns next-token logits by row index."""
+        """Feed each continuing row its new token; returns next-token logits by row index.
+
+        One forward pass over the span of rows from the first to the last continuing one:
+        finished rows inside it get a stand-in token and their logits are dropped.
+        """
         active = [i for i, token in enumerate(feed) if token is not None]
-        next_logits: dict[int, torch.Tensor] = {}
-        for group in _contiguous_same_position(active, rows):
-            tokens = [feed[i] for i in group]
-            logits = self.runner.decode(cache, tokens, group[0], rows[group[0]].position)
-            for offset, index in enumerate(group):
-                rows[index].position += 1
-                next_logits[index] = logits[offset]
-        return next_logits
-
-
-def _contiguous_same_position(active: list[int], rows: list[_Row]) -> list[list[int]]:
-    """Split active row indices into runs of neighbours that share a cache position."""
-    groups: list[list[int]] = []
-    for index in active:
-        if groups and groups[-1][-1] == index - 1 and rows[groups[-1][-1]].position == rows[index].position:
-            groups[-1].append(index)
-        else:
-            groups.append([index])
-    return groups
+        if not active:
+            return {}
+        first, last = active[0], active[-1]
+        tokens = [feed[i] if feed[i] is not None else 0 for i in range(first, last + 1)]
+        logits = self.runner.decode(cache, tokens, first)
+        return {i: logits[i - first] for i in active}

@@ -23,10 +23,14 @@ class LocalModel:
         return self.runner.prefill(tokens.tolist()).float()
 
 
-def load_model(checkpoint: Path | str, *, tp: int = 1, device: str = "cpu", dtype: str = "auto") -> LocalModel:
+def load_model(
+    checkpoint: Path | str, *, tp: int = 1, device: str = "cpu", dtype: str = "auto", attention_backend: str = "unfused"
+) -> LocalModel:
     """Initialise a one-process group (if none) and load the checkpoint's weights."""
     info = locate_checkpoint(checkpoint)
     info.architecture.check_parallelism(tp, 1)
     groups = init_parallel(tp=tp, pp=1, device=torch.device(device))
-    model = load_checkpoint_model(info, device=groups.device, dtype=dtype, max_sequence_length=info.architecture.seq_length)
+    model = load_checkpoint_model(
+        info, device=groups.device, dtype=dtype, max_sequence_length=info.architecture.seq_length, attention_backend=attention_backend
+    )
     return LocalModel(info, ModelRunner(model, info.architecture, groups.device))

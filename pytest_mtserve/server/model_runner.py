@@ -8,10 +8,30 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 
 import torch
 
 from pytest_mtserve.server.architecture import ModelArchitecture
+from pytest_mtserve.server.batch_split import ForwardCost
+
+
+@dataclass
+class BatchCache:
+    """Megatron's static KV cache of one batch, and where each row's tokens sit in it.
+
+    Slots [0, prompt length) of a row hold its prompt (right-padded up to ``width``); its
+    k-th decoded token goes to slot ``width + k``. Megatron's static cache has one write
+    offset for the whole batch, so rows of different lengths decode in lockstep at one
+    shared slot: one forward pass per step for the batch, not one per distinct length. The
+    padding slots in between are masked and the rotary embedding follows each row's true
+    positions, so a row computes what it would alone.
+    """
+
+    context: object  # megatron.core.inference.contexts.StaticInferenceContext
+    prompt_lengths: torch.Tensor | None = None  # [batch], set by the prefill
+    width: int = 0  # longest prompt: the first decode slot
+    steps: int = 0  # decode steps taken
 
 
 class ModelRunner:
@@ -19,16 +39,19 @@ class ModelRunner:
         self.model = model
         self.vocab_size = arch.vocab_size
         self.device = device
+        self.forward_cost = ForwardCost.for_model(arch, device.type)
 
-    def new_cache(self, batch_size: int, max_length: int):
+    def new_cache(self, batch_size: int, longest_prompt: int, max_new_tokens: int) -> BatchCache:
         from megatron.core.inference.contexts import StaticInferenceContext
 
-        cache = StaticInferenceContext(batch_size, max_length)
-        cache.materialize_only_last_token_logits = False  # echo needs every position
-        return cache
+        context = StaticInferenceContext(batch_size, longest_prompt + max_new_tokens)
+        context.materialize_only_last_token_logits = False  # echo needs every position
+        return BatchCache(context)
 
     @torch.inference_mode()
-    def prefill(self, prompts: list[list[int]], cache=None, *, last_positions_only: bool = False) -> torch.Tensor:
+    def prefill(
+        self, prompts: list[list[int]], cache: BatchCache | None = None, *, last_positions_only: bool = False
+    ) -> torch.Tensor:
         """Logits [batch, longest prompt, vocab] for every prompt position, or with
         ``last_positions_only`` [batch, 1, vocab] at each prompt's last token."""
         lengths = torch.tensor([len(p) for p in prompts], device=self.device)
@@ -42,10 +65,15 @@ class ModelRunner:
         mask = (future[None, :, :] | padding[:, None, :])[:, None]  # [row, 1, query, key]
         with self._output_layer_only_at(lengths - 1) if last_positions_only else nullcontext():
             logits = self.model(
-                tokens, positions.expand(len(prompts), -1), mask, inference_context=cache, runtime_gather_output=True
+                tokens,
+                positions.expand(len(prompts), -1),
+                mask,
+                inference_context=None if cache is None else cache.context,
+                runtime_gather_output=True,
             )
         if cache is not None:
-            cache.sequence_len_offset = width
+            cache.context.sequence_len_offset = width
+            cache.prompt_lengths, cache.width = lengths, width
         return logits[..., : self.vocab_size]
 
     @contextmanager
@@ -66,17 +94,41 @@ class ModelRunner:
             handle.remove()
 
     @torch.inference_mode()
-    def decode(self, cache, tokens: list[int], first_row: int, position: int) -> torch.Tensor:
-        """Next-token logits [len(tokens), vocab] for rows first_row.. that all stand at ``position``.
-
-        Rows of one call must have the same length so far: they share a cache offset.
-        """
-        cache.batch_size_offset = first_row
-        cache.sequence_len_offset = position
-        cache.enable_decode_mode()
-        rows = len(tokens)
+    def decode(self, cache: BatchCache, tokens: list[int], first_row: int) -> torch.Tensor:
+        """Next-token logits [len(tokens), vocab] for rows first_row.. of the batch, each
+        token following its own row's prompt and the tokens decoded before it."""
+        rows, slot = len(tokens), cache.width + cache.steps
+        context = cache.context
+        context.batch_size_offset = first_row
+        context.sequence_len_offset = slot
+        context.enable_decode_mode()
+        lengths = cache.prompt_lengths[first_row : first_row + rows]
+        slots = torch.arange(slot + 1, device=self.device)
+        padding = (slots[None, :] >= lengths[:, None]) & (slots[None, :] < cache.width)  # [row, key]
         step = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]
-        positions = torch.full((rows, 1), position, dtype=torch.long, device=self.device)
-        mask = torch.zeros(rows, 1, 1, position + 1, dtype=torch.bool, device=self.device)
-        logits = self.model(step, positions, mask, inference_context=cache, runtime_gather_output=True)
+        positions = (lengths + cache.steps)[:, None]
+        with self._rotary_by_row(lengths, cache.width):
+            logits = self.model(step, positions, padding[:, None, None, :], inference_context=context, runtime_gather_output=True)
+        cache.steps += 1
         return logits[:, -1, : self.vocab_size]
+
+    @contextmanager
+    def _rotary_by_row(self, lengths: torch.Tensor, width: int) -> Iterator[None]:
+        """Rotary embeddings per row and cache slot: slot j is position j in the prompt part
+        and length + (j - width) in the decoded part. (Megatron's static cache keeps keys
+        unrotated and rotates them each step by slot, which assumes one layout for all rows.)"""
+        rotary = getattr(self.model, "rotary_pos_emb", None)
+        if rotary is None:  # learned absolute positions come from the position ids
+            yield
+            return
+
+        def per_row(module, args, by_slot: torch.Tensor) -> torch.Tensor:  # [slots, 1, 1, dim]
+            slots = torch.arange(by_slot.shape[0], device=by_slot.device)[:, None]
+            position = torch.where(slots < width, slots, lengths[None, :].to(by_slot.device) + slots - width)
+            return by_slot[:, 0, 0][position][:, :, None]  # [slots, rows, 1, dim]
+
+        handle = rotary.register_forward_hook(per_row)
+        try:
+            yield
+        finally:
+            handle.remove()
