@@ -44,7 +44,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     runner = load_model(args.checkpoint, device=args.device).runner
-    engine = InferenceEngine(runner, is_leader=True, share_tokens=lambda t: t, eos_token_ids=set(), detokenizer=None)
+    # One batch as given: grouping by length would split the mixed batch into passes of its own.
+    engine = InferenceEngine(runner, is_leader=True, share_tokens=lambda t: t, eos_token_ids=set(), detokenizer=None, group_by_length=False)
     generator = torch.Generator().manual_seed(0)
     lengths = torch.randperm(args.length - args.length // 2, generator=generator)[: args.batch] + args.length // 2
     mixed = [torch.randint(0, runner.vocab_size, (int(n),), generator=generator).tolist() for n in lengths]
