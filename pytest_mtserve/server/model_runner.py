@@ -124,7 +124,7 @@ class ModelRunner:
 
         def per_row(module, args, by_slot: torch.Tensor) -> torch.Tensor:  # [slots, 1, 1, dim]
             slots = torch.arange(by_slot.shape[0], device=by_slot.device)[:, None]
-            position = torch.where(slots < width, slots, lengths[None, :].to(by_slot.device) + slots - width)
+            position = torch.where(slots < width, slots, lengths[None, :] + slots - width)
             return by_slot[:, 0, 0][position][:, :, None]  # [slots, rows, 1, dim]
 
         handle = rotary.register_forward_hook(per_row)
