@@ -81,10 +81,14 @@ class _Evidence:
 
 
 def pairing_keys(outcomes: Mapping[str, float]) -> dict[str, float]:
-    """Outcomes re-keyed by doc_hash prefix, the key baselines store and pairing uses."""
+    """Outcomes re-keyed by doc_hash prefix, the key baselines store and pairing uses.
+
+    A question that a benchmark holds twice is keyed ``doc_hash#2`` for its repeat (see
+    ``evaluation``); the repeat number stays on the shortened key, so both are kept."""
     shortened: dict[str, float] = {}
-    for doc_hash, value in outcomes.items():
-        key = doc_hash[:PAIRING_KEY_LENGTH]
+    for question_id, value in outcomes.items():
+        doc_hash, mark, repeat = question_id.partition("#")
+        key = doc_hash[:PAIRING_KEY_LENGTH] + mark + repeat
         if key in shortened:
             raise ValueError(
                 f"two questions share the doc_hash prefix {key!r}; outcomes must be keyed by "

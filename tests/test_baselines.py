@@ -59,6 +59,18 @@ def test_a_baseline_round_trips_through_its_file(tmp_path: Path) -> None:
     assert store.path_for("mmlu") == tmp_path / "llama3-8b" / "mmlu.json"
 
 
+def test_a_question_held_twice_is_recorded_and_gated_twice(tmp_path: Path) -> None:
+    # Full MMLU holds 27 questions twice; the evaluation keys each repeat "<doc_hash>#2".
+    store = BaselineStore(tmp_path, "llama3-8b")
+    fresh = result()
+    fresh.outcomes[f"{full_hash(0)}#2"] = 0.0
+    fresh.n += 1
+    store.save(Baseline.from_result(fresh, PROVENANCE))
+    recorded = store.load("mmlu")
+    assert recorded is not None and len(recorded.outcomes) == fresh.n
+    assert compare(recorded, fresh).n_paired == fresh.n
+
+
 def test_a_loaded_baseline_pairs_with_the_fresh_result(tmp_path: Path) -> None:
     store = BaselineStore(tmp_path, "m")
     store.save(Baseline.from_result(result(), PROVENANCE))

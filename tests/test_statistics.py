@@ -217,3 +217,11 @@ def test_pairing_keys_refuse_ids_too_short_to_be_doc_hashes() -> None:
     keys = {"0123456789abcdef-a": 1.0, "0123456789abcdef-b": 0.0}
     with pytest.raises(ValueError, match="full doc_hash"):
         pairing_keys(keys)
+
+
+def test_pairing_keys_keep_a_repeated_question_apart_from_its_first_occurrence() -> None:
+    # Real MMLU holds 27 questions twice; evaluation keys the repeat "<doc_hash>#2".
+    doc_hash = "0123456789abcdef" * 4
+    keys = pairing_keys({doc_hash: 1.0, f"{doc_hash}#2": 0.0})
+    assert keys == {"0123456789abcdef": 1.0, "0123456789abcdef#2": 0.0}
+    assert pairing_keys(keys) == keys  # baselines store shortened keys; pairing shortens again
