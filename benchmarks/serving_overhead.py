@@ -19,8 +19,10 @@ interpreter. This measures; it asserts nothing about speed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
+import signal
 import statistics
 import subprocess
 import sys
@@ -237,13 +239,36 @@ def run(args: argparse.Namespace, checkpoint: Path, scratch: Path) -> float:
         )
         print(f"served vs direct log-probs: largest difference {difference:.2e} over {CORRECTNESS_SAMPLE} requests")
         direct, served = [], []
-        for _ in range(args.rounds):  # interleaved, so drift on a shared machine hits both alike
+        for round_index in range(args.rounds):  # interleaved, so drift on a shared machine hits both alike
             direct.append(measure_direct(score, timed, args.max_batch_size))
-            served.append(measure_served(server.pid, server.url, server.model, timed, args.clients))
+            with profiled_round(args, server.pid, round_index):
+                served.append(measure_served(server.pid, server.url, server.model, timed, args.clients))
     finally:
         server.stop()
     peer = run_peer(args, checkpoint, scratch) if args.peer_python else None
     return report(direct, served, peer, args)
+
+
+@contextlib.contextmanager
+def profiled_round(args: argparse.Namespace, server_pid: int, round_index: int) -> Iterator[None]:
+    """Samples the server's processes with py-spy during a served round (``--profile-with``):
+    every running thread in even rounds, only the thread holding the GIL in odd ones."""
+    if args.profile_with is None:
+        yield
+        return
+    kind = "gil" if round_index % 2 else "running"
+    out = args.profile_out / f"served-round{round_index}-{kind}.txt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    command = [args.profile_with, "record", "--pid", str(server_pid), "--subprocesses", "--threads", "--nonblocking",
+               "--rate", "200", "--format", "raw", "--output", str(out), *(["--gil"] if kind == "gil" else [])]  # fmt: skip
+    recorder = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    time.sleep(1.0)  # py-spy attaches before the round starts
+    try:
+        yield
+    finally:
+        recorder.send_signal(signal.SIGINT)
+        recorder.wait(timeout=60)
+        print(f"py-spy profile of served round {round_index} ({kind} threads): {out}")
 
 
 def run_peer(args: argparse.Namespace, checkpoint: Path, scratch: Path) -> float:
@@ -295,6 +320,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of the request stream (default: 0)")
     parser.add_argument("--server-arg", action="append", default=[],
                         help="extra server option, repeatable, e.g. --server-arg=--queue-delay-us=500")  # fmt: skip
+    parser.add_argument("--profile-with", metavar="PY_SPY", help="py-spy executable: sample the server during each served round")
+    parser.add_argument("--profile-out", type=Path, default=Path("profiles"), help="folder for the py-spy profiles (default: profiles)")
     return parser.parse_args(argv)
 
 

@@ -152,8 +152,9 @@ OPTIONS = (
             metavar="A,B"),
     Option("--limit-samples", "Evaluate only the first N questions of each (sub)task; "
             "per benchmark as NAME=N, e.g. 100,mmlu=2.", _limits, metavar="N[,NAME=N]"),
-    Option("--parallelism", "Concurrent requests the evaluation sends.", _positive_int, "8",
-            metavar="N"),
+    Option("--parallelism", "Concurrent requests the evaluation sends (default: twice "
+            "--max-batch-size, so that a full batch waits while the server computes another).",
+            _positive_int, metavar="N"),
     Option("--request-timeout", "Seconds before a request to the server counts as failed. "
             "lm-eval includes the time a request waits for one of its --parallelism "
             "connections, so this bounds a whole benchmark run: raise it for long CPU runs.",
@@ -247,6 +248,9 @@ def read_options(config: pytest.Config) -> MtserveOptions:
             f"--checkpoint {checkpoint}: no such directory; pass a run directory, its "
             f"iter_NNNNNNN folder, or '{DEMO_CHECKPOINT}'"
         )
+    # A client sends its next request only after the answer to its last: with no more
+    # requests in flight than one batch holds, the GPU idles for every round trip.
+    values["parallelism"] = values["parallelism"] or 2 * values["max_batch_size"]
     return MtserveOptions(
         **values, update_baselines=bool(config.getoption("update_baselines")), rootdir=_project_dir(config)
     )

@@ -23,7 +23,7 @@ def fake_run_benchmark(benchmark, endpoint, output_dir, *, limit, parallelism,
                        request_timeout, datasets_dir, progress):
     right = json.loads(os.environ.get("FAKE_SCORES", "{}")).get(benchmark.name, 150)
     outcomes = {hashlib.sha256(b"%d" % i).hexdigest(): float(i < right) for i in range(200)}
-    progress(f"{benchmark.name}: fake evaluation")
+    progress(f"{benchmark.name}: fake evaluation, {parallelism} requests in flight")
     return evaluation.BenchmarkResult(
         benchmark=benchmark.name, metric=benchmark.metric, value=right / 200, stderr=None,
         n=200, outcomes=outcomes, settings={"limit": limit}, output_dir=output_dir,
@@ -116,6 +116,14 @@ def test_bad_ini_value_names_the_ini_key(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest_subprocess()
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*mtserve_parallelism 'many': invalid literal*"])
+
+
+@pytest.mark.parametrize(
+    ("args", "in_flight"), [([], 16), (["--max-batch-size", "12"], 24), (["--max-batch-size", "12", "--parallelism", "3"], 3)]
+)
+def test_requests_in_flight_default_to_two_batches(project: pytest.Pytester, args: list[str], in_flight: int) -> None:
+    result = run(project, *CHECKPOINT, "--update-baselines", *args)
+    result.stdout.fnmatch_lines([f"*mmlu: fake evaluation, {in_flight} requests in flight*"])
 
 
 def test_unknown_benchmark_names_the_known_ones(project: pytest.Pytester) -> None:
