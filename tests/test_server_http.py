@@ -6,7 +6,9 @@ import concurrent.futures
 import os
 import socket
 import time
+from pathlib import Path
 
+import psutil
 import pytest
 import requests
 import torch
@@ -138,3 +140,39 @@ def test_tp8_on_cpu_matches_tp1(tiny_server_tp1, start_tiny_server) -> None:
             assert_close(echo_logprobs(tp8, prompt), echo_logprobs(tiny_server_tp1, prompt))
     finally:
         tp8.stop()
+
+
+def front_end_process(server) -> psutil.Process:
+    (frontend,) = (
+        child for child in psutil.Process(server.pid).children(recursive=True)
+        if "pytest_mtserve.server.frontend_process" in " ".join(child.cmdline())
+    )
+    return frontend
+
+
+def test_the_front_end_runs_in_its_own_process_without_torch(tiny_server_tp1) -> None:
+    # Beside the engine it would hold the GIL that every kernel launch needs.
+    frontend = front_end_process(tiny_server_tp1)
+    assert frontend.pid != tiny_server_tp1.pid
+    assert "libtorch" not in Path(f"/proc/{frontend.pid}/maps").read_text()
+    assert complete(tiny_server_tp1, prompt="hello", max_tokens=1)["choices"][0]["text"] is not None
+
+
+def test_a_front_end_that_dies_stops_the_server(start_tiny_server) -> None:
+    server = start_tiny_server("--tp", "1")
+    front_end_process(server).kill()
+    psutil.Process(server.pid).wait(timeout=60)
+    assert "the HTTP front end exited with code -9; stopping" in server.tail()
+
+
+def test_a_taken_front_end_port_is_one_line_naming_it(start_tiny_server) -> None:
+    from pytest_mtserve.launcher import ServerStartError
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ServerStartError) as raised:
+            start_tiny_server("--tp", "1", "--port", str(port))
+    assert f"error: port {port} on 127.0.0.1 (HTTP front end) is already in use; pass --port 0" in str(raised.value)
+    assert "Traceback" not in str(raised.value)

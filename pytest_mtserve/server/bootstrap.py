@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from pytest_mtserve.server.distributed import ParallelGroups, init_parallel, resolve_device, shutdown_parallel
 from pytest_mtserve.server.engine import InferenceEngine
 from pytest_mtserve.server.options import ServerOptions
 from pytest_mtserve.server.rank_coordinator import ControlChannel, Leader, follow
-from pytest_mtserve.server.tokenizer import ServerTokenizer, load_tokenizer
+from pytest_mtserve.server.tokenizer import load_tokenizer
 
 
 @dataclass
@@ -16,7 +17,7 @@ class Rank:
     groups: ParallelGroups
     engine: InferenceEngine
     channel: ControlChannel
-    tokenizer: ServerTokenizer | None  # rank 0 only
+    tokenizer_dir: Path  # for the front end's process
     leader: Leader | None  # rank 0 only
 
     @property
@@ -54,4 +55,4 @@ def build_rank(options: ServerOptions) -> Rank:
         detokenizer=tokenizer,
     )
     leader = Leader(engine, channel) if groups.rank == 0 else None
-    return Rank(groups, engine, channel, tokenizer, leader)
+    return Rank(groups, engine, channel, info.tokenizer_dir, leader)

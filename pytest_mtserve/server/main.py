@@ -3,9 +3,9 @@
 Under torchrun or srun (RANK set) this process is one rank; otherwise, with more than one
 rank, :mod:`rank_launcher` starts and supervises them.
 
-Rank 0 serves: PyTriton binds the engine, the FastAPI front end talks to Triton, and one
-``MTSERVE_READY {...}`` line on stdout says where. The other ranks follow rank 0's
-broadcasts. SIGTERM or SIGINT stops the front end, Triton and every rank.
+Rank 0 serves: PyTriton binds the engine, the FastAPI front end (a process of its own,
+see :mod:`frontend_process`) talks to Triton, and one ``MTSERVE_READY {...}`` line on
+stdout says where. The other ranks follow rank 0's broadcasts. SIGTERM or SIGINT stops the front end, Triton and every rank.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ WATCH_PID_VARIABLE = "MTSERVE_WATCH_PID"  # stop when this process is gone
 
 
 class ServerInputError(Exception):
-    """Bad input found before any process starts: printed as one line, exit code 2."""
+    """Bad input (found before any rank starts, or a port already taken): printed as one
+    line, exit code 2."""
 
 
 def main(argv: list[str] | None = None, prog: str = "mtserve serve") -> int:
@@ -88,8 +89,8 @@ def _serve_rank(options: ServerOptions) -> int:
 
 
 def _lead(rank, options: ServerOptions) -> None:
-    from pytest_mtserve.server.openai_api import FrontEndServer, create_app
-    from pytest_mtserve.server.triton_binding import TritonClient, TritonEngineServer
+    from pytest_mtserve.server.frontend_process import FrontEndError, FrontEndProcess, FrontEndSettings
+    from pytest_mtserve.server.triton_binding import TritonEngineServer
 
     stop_requested = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -103,21 +104,31 @@ def _lead(rank, options: ServerOptions) -> None:
     frontend = None
     try:
         triton.start()
-        client = TritonClient(triton.url, triton.triton_model_name, timeout_s=options.request_timeout)
-        app = create_app(
-            model_name=options.model_name,
-            tokenizer=rank.tokenizer,
-            max_seq_length=options.inference_max_seq_length,
-            client=client,
+        frontend = FrontEndProcess(
+            FrontEndSettings(
+                model_name=options.model_name,
+                tokenizer_dir=str(rank.tokenizer_dir),
+                max_seq_length=options.inference_max_seq_length,
+                host=options.host,
+                port=options.port,
+                triton_url=triton.url,
+                triton_model_name=triton.triton_model_name,
+                request_timeout_s=options.request_timeout,
+            )
         )
-        frontend = FrontEndServer(app, options.host, options.port)
-        url = frontend.start()
+        try:
+            url = frontend.start()
+        except FrontEndError as error:
+            raise ServerInputError(str(error)) from None
         ready = {"url": url, "model": options.model_name, "triton_port": _port_of(triton.url), "pid": os.getpid()}
         print(READY_PREFIX + json.dumps(ready), flush=True)
         owner = _watched_pid()
         while not stop_requested.wait(timeout=1.0):
             if owner is not None and not _alive(owner):
                 print(f"mtserve: process {owner} that started the server is gone; stopping", file=sys.stderr, flush=True)
+                break
+            if (code := frontend.exit_code()) is not None:
+                print(f"mtserve: the HTTP front end exited with code {code}; stopping", file=sys.stderr, flush=True)
                 break
     finally:
         if frontend is not None:

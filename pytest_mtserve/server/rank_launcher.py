@@ -43,10 +43,11 @@ def _start_rank(options: ServerOptions, rank: int, master_port: int) -> subproce
         LOCAL_WORLD_SIZE=str(options.world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(master_port),
     )  # fmt: skip
     command = [sys.executable, "-m", "pytest_mtserve.server", *to_argv(options)]
-    return subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+    return subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=die_with_parent)
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
+    """In a child between fork and exec: the kernel kills it when its parent dies."""
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
