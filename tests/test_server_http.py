@@ -165,6 +165,13 @@ def test_a_front_end_that_dies_stops_the_server(start_tiny_server) -> None:
     assert "the HTTP front end exited with code -9; stopping" in server.tail()
 
 
+def test_a_killed_server_takes_its_front_end_along(start_tiny_server) -> None:
+    server = start_tiny_server("--tp", "1")
+    frontend = front_end_process(server)
+    os.kill(server.pid, 9)
+    frontend.wait(timeout=30)  # psutil.TimeoutExpired if it outlived the server
+
+
 def test_a_taken_front_end_port_is_one_line_naming_it(start_tiny_server) -> None:
     from pytest_mtserve.launcher import ServerStartError
 

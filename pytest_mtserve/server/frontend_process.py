@@ -6,7 +6,7 @@ responses for every request in flight) holds the GIL in between, so each kernel 
 waits for it and the GPU with it. The front end reaches Triton over HTTP anyway, so here
 it runs in an interpreter of its own; it never imports torch.
 
-    python -m pytest_mtserve.server.frontend_process SETTINGS_JSON READY_FD
+    python -m pytest_mtserve.server.frontend_process SETTINGS_JSON READY_FD PARENT_PID
 
 is what :class:`FrontEndProcess` starts: the child writes one JSON line to ``READY_FD``,
 ``{"url": ...}`` once it has answered a real completion, or ``{"error": ...}``.
@@ -55,12 +55,13 @@ class FrontEndProcess:
 
     def start(self) -> str:
         """Start the front end and return its base URL once it has served a completion."""
-        from pytest_mtserve.server.rank_launcher import die_with_parent
-
         read_fd, write_fd = os.pipe()
-        command = [sys.executable, "-m", __name__, json.dumps(asdict(self._settings)), str(write_fd)]
+        settings = json.dumps(asdict(self._settings))
+        command = [sys.executable, "-m", __name__, settings, str(write_fd), str(os.getpid())]
         try:
-            self._process = subprocess.Popen(command, pass_fds=(write_fd,), preexec_fn=die_with_parent)
+            # No preexec_fn: this process runs Triton's threads, and forking with them is only
+            # safe straight into exec. The child ties its life to this one itself.
+            self._process = subprocess.Popen(command, pass_fds=(write_fd,))
         finally:
             os.close(write_fd)
         with os.fdopen(read_fd) as ready:
@@ -91,7 +92,12 @@ class FrontEndProcess:
 
 
 def main(argv: list[str]) -> int:
-    settings_json, ready_fd = argv
+    from pytest_mtserve.server.rank_launcher import die_with_parent
+
+    settings_json, ready_fd, parent_pid = argv
+    die_with_parent()
+    if os.getppid() != int(parent_pid):  # the parent died before the line above
+        return 1
     settings = FrontEndSettings(**json.loads(settings_json))
     stop_requested = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -5,7 +5,8 @@ rank, :mod:`rank_launcher` starts and supervises them.
 
 Rank 0 serves: PyTriton binds the engine, the FastAPI front end (a process of its own,
 see :mod:`frontend_process`) talks to Triton, and one ``MTSERVE_READY {...}`` line on
-stdout says where. The other ranks follow rank 0's broadcasts. SIGTERM or SIGINT stops the front end, Triton and every rank.
+stdout says where. The other ranks follow rank 0's broadcasts. SIGTERM or SIGINT stops
+the front end, Triton and every rank.
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ def _start_rank(options: ServerOptions, rank: int, master_port: int) -> subproce
 
 
 def die_with_parent() -> None:
-    """In a child between fork and exec: the kernel kills it when its parent dies."""
+    """The kernel kills this process when its parent dies (called in the child)."""
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
