@@ -19,7 +19,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -92,16 +91,14 @@ class FrontEndProcess:
 
 
 def main(argv: list[str]) -> int:
-    from pytest_mtserve.server.rank_launcher import die_with_parent
+    from pytest_mtserve.server.process_life import die_with_parent, stop_requested_on_signals
 
     settings_json, ready_fd, parent_pid = argv
     die_with_parent()
     if os.getppid() != int(parent_pid):  # the parent died before the line above
         return 1
     settings = FrontEndSettings(**json.loads(settings_json))
-    stop_requested = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop_requested.set())
+    stop_requested = stop_requested_on_signals()
     with os.fdopen(int(ready_fd), "w") as ready:
         try:
             frontend, url = _serve(settings)

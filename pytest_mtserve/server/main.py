@@ -15,7 +15,6 @@ import json
 import os
 import signal
 import sys
-import threading
 
 from pytest_mtserve.server.options import ServerOptions, parse_server_options
 
@@ -91,11 +90,10 @@ def _serve_rank(options: ServerOptions) -> int:
 
 def _lead(rank, options: ServerOptions) -> None:
     from pytest_mtserve.server.frontend_process import FrontEndError, FrontEndProcess, FrontEndSettings
+    from pytest_mtserve.server.process_life import stop_requested_on_signals
     from pytest_mtserve.server.triton_binding import TritonEngineServer
 
-    stop_requested = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop_requested.set())
+    stop_requested = stop_requested_on_signals()
     triton = TritonEngineServer(
         rank.leader.run_batch,
         max_batch_size=options.max_batch_size,

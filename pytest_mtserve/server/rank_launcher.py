@@ -8,7 +8,6 @@ so a killed supervisor leaves nothing behind, and a rank that fails stops the ot
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
@@ -16,18 +15,16 @@ import sys
 import threading
 
 from pytest_mtserve.server.options import ServerOptions, to_argv
+from pytest_mtserve.server.process_life import die_with_parent, stop_requested_on_signals
 from pytest_mtserve.server.ports import pick_free_port
 
-_PR_SET_PDEATHSIG = 1
 _POLL_S = 0.1
 STOP_GRACE_S = 20.0
 
 
 def launch_ranks(options: ServerOptions) -> int:
     """Run ``options.world_size`` ranks until they end or a signal asks them to; returns an exit code."""
-    stop_requested = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop_requested.set())
+    stop_requested = stop_requested_on_signals()
     master_port = pick_free_port("127.0.0.1")
     ranks = [_start_rank(options, rank, master_port) for rank in range(options.world_size)]
     try:
@@ -44,11 +41,6 @@ def _start_rank(options: ServerOptions, rank: int, master_port: int) -> subproce
     )  # fmt: skip
     command = [sys.executable, "-m", "pytest_mtserve.server", *to_argv(options)]
     return subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=die_with_parent)
-
-
-def die_with_parent() -> None:
-    """The kernel kills this process when its parent dies (called in the child)."""
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _supervise(ranks: list[subprocess.Popen], stop_requested: threading.Event) -> int:
