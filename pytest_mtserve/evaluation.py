@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_mtserve.benchmarks import AD_HOC_PREFIX, Benchmark
+from pytest_mtserve.statistics import REPEAT_MARK
 
 PROGRESS_INTERVAL_S = 10.0
 LOG_TAIL_LINES = 40
@@ -517,7 +518,7 @@ def _outcomes(samples: list[dict], benchmark: Benchmark) -> dict[str, float]:
         key, repeat = record["doc_hash"], 1
         while key in outcomes:
             repeat += 1
-            key = f"{record['doc_hash']}#{repeat}"
+            key = f"{record['doc_hash']}{REPEAT_MARK}{repeat}"
         outcomes[key] = float(record[benchmark.metric_name])
     return outcomes
 

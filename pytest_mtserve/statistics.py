@@ -37,6 +37,8 @@ Verdict = Literal["pass", "fail", "improved"]
 # Outcomes are keyed by lm-eval's doc_hash (64 hex digits of sha256); 16 hex digits
 # (64 bits) cannot collide by chance within a benchmark and keep baseline files short.
 PAIRING_KEY_LENGTH = 16
+# A question a benchmark holds twice: its repeat is keyed <doc_hash>#2 (then #3...).
+REPEAT_MARK = "#"
 CONFIDENCE = 0.95
 
 
@@ -87,7 +89,7 @@ def pairing_keys(outcomes: Mapping[str, float]) -> dict[str, float]:
     ``evaluation``); the repeat number stays on the shortened key, so both are kept."""
     shortened: dict[str, float] = {}
     for question_id, value in outcomes.items():
-        doc_hash, mark, repeat = question_id.partition("#")
+        doc_hash, mark, repeat = question_id.partition(REPEAT_MARK)
         key = doc_hash[:PAIRING_KEY_LENGTH] + mark + repeat
         if key in shortened:
             raise ValueError(
