@@ -1,10 +1,13 @@
 """Log-prob scoring throughput through the full HTTP stack vs direct in-process engine calls.
 
-The same seeded, MMLU/ARC-shaped log-likelihood request stream (echo, max_tokens=1,
-logprobs=1, prompts of varied length) goes (a) straight into ``InferenceEngine.run`` in
-batches of ``--max-batch-size`` (the best batches Triton could form) and (b) through a
-real server (FastAPI -> PyTriton -> engine) from ``--clients`` concurrent keep-alive HTTP
-clients. Warm-up requests are excluded from both. The last line printed is the ratio.
+The same seeded, MMLU- or ARC-shaped log-likelihood request stream (echo, max_tokens=1,
+logprobs=1, prompts of varied length, in lm-eval's order) goes (a) straight into
+``InferenceEngine.run`` in batches of ``--max-batch-size`` (the best batches Triton could
+form), with shared prefixes packed as the server does and without, and (b) through a real
+server (FastAPI -> PyTriton -> engine) from ``--clients`` concurrent keep-alive HTTP
+clients. Warm-up requests are excluded from all. Throughput counts every request's prompt
+tokens, whether a shared prefix was computed once or not. The last line printed is served
+over direct.
 
     python benchmarks/serving_overhead.py [--checkpoint RUN_DIR] [--requests 384]
     python benchmarks/serving_overhead.py --device cuda --shape llama3-8b --peer-python python3
@@ -12,7 +15,8 @@ clients. Warm-up requests are excluded from both. The last line printed is the r
 Without ``--checkpoint`` the tiny test checkpoint is written to a temporary folder; with
 ``--shape`` a random-weight checkpoint of that shape (``forward_perf.SHAPES``) is built
 on the device. ``--peer-python`` also scores the stream in-process with Hugging Face
-transformers (``hf_peer.py``, same shape, random weights, same batches) under that
+transformers (``hf_peer.py``, same shape, random weights, same batches: one row per
+request, and as lm-eval's ``hf`` backend with its one-token-continuation cache) under that
 interpreter. This measures; it asserts nothing about speed.
 """
 
@@ -75,16 +79,29 @@ class Throughput:
         return {role: 1e6 * seconds / self.tokens for role, seconds in self.cpu_s.items()}
 
 
-def build_request_stream(tokenizer: ServerTokenizer, count: int, seed: int) -> list[ScoringRequest]:
-    """MMLU-shaped requests: each question's context scored once per answer choice (4 each)."""
+STREAMS = ("mmlu", "arc")
+
+
+def build_request_stream(tokenizer: ServerTokenizer, count: int, seed: int, stream: str = "mmlu") -> list[ScoringRequest]:
+    """Log-likelihood requests as lm-eval sends them: each question's context once per answer
+    choice (4 each), all requests in lm-eval's order (longest first, then by token ids).
+
+    ``mmlu``: the choices are listed in the context and the continuation is a letter (" A"),
+    so a question's four requests differ in their last token. ``arc``: the continuation is the
+    choice's own text (1-6 words), so they differ in length and lm-eval's order scatters them.
+    """
     rng = random.Random(seed)
     requests: list[ScoringRequest] = []
     while len(requests) < count:
         context = _question_context(tokenizer, rng)
-        for label in CHOICE_LABELS:
-            text = f"{context}\nAnswer: {label}. {' '.join(rng.choices(WORDS, k=rng.randint(1, 6)))}"
-            requests.append(ScoringRequest(text, tokenizer.encode(text)))
-    return requests[:count]
+        choices = [" ".join(rng.choices(WORDS, k=rng.randint(1, 6))) for _ in CHOICE_LABELS]
+        if stream == "mmlu":
+            listed = "".join(f"\n{label}. {choice}" for label, choice in zip(CHOICE_LABELS, choices))
+            texts = [f"{context}{listed}\nAnswer: {label}" for label in CHOICE_LABELS]
+        else:
+            texts = [f"{context}\nAnswer: {choice}" for choice in choices]
+        requests += [ScoringRequest(text, tokenizer.encode(text)) for text in texts]
+    return sorted(requests[:count], key=lambda r: (-len(r.token_ids), r.token_ids))  # lm-eval's Collator
 
 
 def _question_context(tokenizer: ServerTokenizer, rng: random.Random) -> str:
@@ -94,6 +111,11 @@ def _question_context(tokenizer: ServerTokenizer, rng: random.Random) -> str:
     while len(tokenizer.encode(text)) < target:
         text += " " + " ".join(rng.choices(WORDS, k=16))
     return text
+
+
+def warmup_and_timed(tokenizer: ServerTokenizer, requests: int, seed: int, stream: str) -> tuple[list[ScoringRequest], list[ScoringRequest]]:
+    """Warm-up requests (of another seed, so they are not the timed stream's longest) and the timed ones."""
+    return build_request_stream(tokenizer, WARMUP_REQUESTS, seed + 1, stream), build_request_stream(tokenizer, requests, seed, stream)
 
 
 def completion_body(request: ScoringRequest, model: str) -> dict[str, Any]:
@@ -109,24 +131,41 @@ def total_tokens(requests: Sequence[ScoringRequest]) -> int:
 # --- (a) direct engine calls ------------------------------------------------------------------
 
 
-def direct_scorer(
-    checkpoint: Path, device: str, attention_backend: str, tokenizer: ServerTokenizer
-) -> Callable[[Sequence[ScoringRequest]], list[list[float | None]]]:
-    """Loads the model here (TP1); the scorer runs one engine batch and returns prompt log-probs."""
+Scorer = Callable[[Sequence[ScoringRequest]], list[list[float | None]]]
+
+
+def direct_scorers(checkpoint: Path, device: str, attention_backend: str, tokenizer: ServerTokenizer) -> dict[str, Scorer]:
+    """Loads the model here (TP1); each scorer runs one engine batch and returns prompt
+    log-probs: "direct" as the server's engine runs (shared prefixes packed), "direct,
+    unshared" with ``share_prefixes=False``, on the same model."""
     from pytest_mtserve.server.engine import InferenceEngine
     from pytest_mtserve.server.local_model import load_model
     from pytest_mtserve.server.work import WorkItem
 
     local = load_model(checkpoint, device=device, attention_backend=attention_backend)
-    engine = InferenceEngine(
-        local.runner, is_leader=True, share_tokens=lambda t: t, eos_token_ids=set(), detokenizer=tokenizer
-    )
 
-    def score(batch: Sequence[ScoringRequest]) -> list[list[float | None]]:
-        items = [WorkItem(prompt_tokens=r.token_ids, max_tokens=1, logprobs=1, echo=True) for r in batch]
-        return [result.prompt_logprobs for result in engine.run(items)]
+    def scorer(share_prefixes: bool) -> Scorer:
+        engine = InferenceEngine(
+            local.runner, is_leader=True, share_tokens=lambda t: t, eos_token_ids=set(), detokenizer=tokenizer,
+            share_prefixes=share_prefixes,
+        )  # fmt: skip
 
-    return score
+        def score(batch: Sequence[ScoringRequest]) -> list[list[float | None]]:
+            items = [WorkItem(prompt_tokens=r.token_ids, max_tokens=1, logprobs=1, echo=True) for r in batch]
+            return [result.prompt_logprobs for result in engine.run(items)]
+
+        return score
+
+    return {"direct": scorer(True), "direct, unshared": scorer(False)}
+
+
+def model_tokens_per_scored_token(requests: Sequence[ScoringRequest], batch_size: int) -> float:
+    """Tokens the packed prefills run per prompt token scored, in batches of ``batch_size``."""
+    from pytest_mtserve.server.shared_prefix import pack_prompts
+
+    batches = [requests[i : i + batch_size] for i in range(0, len(requests), batch_size)]
+    packed = sum(len(pack) for batch in batches for pack in pack_prompts([r.token_ids for r in batch]))
+    return packed / total_tokens(requests)
 
 
 def measure_direct(score: Callable, requests: Sequence[ScoringRequest], batch_size: int) -> Throughput:
@@ -141,39 +180,68 @@ def measure_direct(score: Callable, requests: Sequence[ScoringRequest], batch_si
 # --- (b) through the HTTP stack ---------------------------------------------------------------
 
 
-def measure_served(server_pid: int, url: str, model: str, requests: Sequence[ScoringRequest], clients: int) -> Throughput:
-    """``clients`` threads, each with its own keep-alive connection, drain one shared queue."""
+class HttpClients:
+    """``clients`` concurrent keep-alive HTTP clients, as threads spread over
+    ``processes`` processes: one Python process parsing 16 streams of echoed log-probs runs
+    out of GIL before a fast server runs out of work. Request i goes to process
+    i % processes, where the threads drain their share in stream order."""
+
+    def __init__(self, url: str, model: str, clients: int, processes: int) -> None:
+        from concurrent.futures import ProcessPoolExecutor
+        from multiprocessing import get_context
+
+        if clients % processes:
+            raise SystemExit(f"--clients ({clients}) must be a multiple of --client-processes ({processes})")
+        self.url, self.model, self.processes, self.threads = url, model, processes, clients // processes
+        # spawn: the parent holds CUDA and the engine's threads, which fork does not survive.
+        self._pool = ProcessPoolExecutor(max_workers=processes, mp_context=get_context("spawn"))
+
+    def measure(self, server_pid: int, requests: Sequence[ScoringRequest]) -> Throughput:
+        bodies = [completion_body(request, self.model) for request in requests]
+        server_cpu_started = server_cpu_by_role(server_pid)
+        started = time.perf_counter()
+        shares = [bodies[i :: self.processes] for i in range(self.processes)]
+        outcomes = list(self._pool.map(_post_all, [self.url] * self.processes, shares, [self.threads] * self.processes))
+        elapsed = time.perf_counter() - started
+        failures = [failure for _, process_failures in outcomes for failure in process_failures]
+        if failures:
+            raise RuntimeError(f"{len(failures)} served requests failed; the first: {failures[0]}")
+        server_cpu = server_cpu_by_role(server_pid)
+        cpu = {role: server_cpu[role] - server_cpu_started.get(role, 0.0) for role in server_cpu}
+        cpu["HTTP clients"] = sum(cpu_s for cpu_s, _ in outcomes)
+        return Throughput(total_tokens(requests), elapsed, cpu)
+
+    def close(self) -> None:
+        self._pool.shutdown()
+
+
+def _post_all(url: str, bodies: list[dict[str, Any]], threads: int) -> tuple[float, list[str]]:
+    """In a client process: ``threads`` threads, each with its own keep-alive connection,
+    drain ``bodies``; returns this process's CPU seconds and the failures."""
     import httpx
 
-    queue: Iterator[ScoringRequest] = iter(requests)
+    queue: Iterator[dict[str, Any]] = iter(bodies)
     queue_lock = threading.Lock()
     failures: list[str] = []
 
-    def next_request() -> ScoringRequest | None:
+    def next_body() -> dict[str, Any] | None:
         with queue_lock:
             return next(queue, None)
 
     def client_loop() -> None:
         with httpx.Client(base_url=url, timeout=600) as http:
-            while (request := next_request()) is not None and not failures:
-                response = http.post("/v1/completions", json=completion_body(request, model))
+            while (body := next_body()) is not None and not failures:
+                response = http.post("/v1/completions", json=body)
                 if response.status_code != 200:
                     failures.append(f"HTTP {response.status_code}: {response.text[:300]}")
 
-    threads = [threading.Thread(target=client_loop) for _ in range(clients)]
-    server_cpu_started = server_cpu_by_role(server_pid)
-    started, cpu_started = time.perf_counter(), time.process_time()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    elapsed = time.perf_counter() - started
-    if failures:
-        raise RuntimeError(f"{len(failures)} served requests failed; the first: {failures[0]}")
-    server_cpu = server_cpu_by_role(server_pid)
-    cpu = {role: server_cpu[role] - server_cpu_started.get(role, 0.0) for role in server_cpu}
-    cpu["HTTP clients"] = time.process_time() - cpu_started
-    return Throughput(total_tokens(requests), elapsed, cpu)
+    cpu_started = time.process_time()
+    workers = [threading.Thread(target=client_loop) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return time.process_time() - cpu_started, failures
 
 
 def server_cpu_by_role(server_pid: int) -> dict[str, float]:
@@ -222,31 +290,41 @@ def run(args: argparse.Namespace, checkpoint: Path, scratch: Path) -> float:
     from pytest_mtserve.server.checkpoint import locate_checkpoint
 
     tokenizer = load_tokenizer(locate_checkpoint(checkpoint).tokenizer_dir)
-    stream = build_request_stream(tokenizer, WARMUP_REQUESTS + args.requests, args.seed)
-    warmup, timed = stream[:WARMUP_REQUESTS], stream[WARMUP_REQUESTS:]
+    warmup, timed = warmup_and_timed(tokenizer, args.requests, args.seed, args.stream)
     lengths = [len(r.token_ids) for r in timed]
-    print(f"stream: {len(timed)} requests, {total_tokens(timed)} prompt tokens, length "
-          f"min {min(lengths)} / median {int(statistics.median(lengths))} / max {max(lengths)}")  # fmt: skip
+    print(f"stream ({args.stream}, lm-eval's order): {len(timed)} requests, {total_tokens(timed)} prompt tokens, length "
+          f"min {min(lengths)} / median {int(statistics.median(lengths))} / max {max(lengths)}; packed prefills run "
+          f"{model_tokens_per_scored_token(timed, args.max_batch_size):.3f} tokens per scored token in batches of {args.max_batch_size}")  # fmt: skip
 
     server = start_server_for(checkpoint, scratch, args)
+    clients = HttpClients(server.url, server.model, args.clients, args.client_processes)
     try:
-        score = direct_scorer(checkpoint, args.device, args.attention_backend, tokenizer)
-        measure_direct(score, warmup, args.max_batch_size)
-        measure_served(server.pid, server.url, server.model, warmup, args.clients)
+        scorers = direct_scorers(checkpoint, args.device, args.attention_backend, tokenizer)
+        for score in scorers.values():
+            measure_direct(score, warmup, args.max_batch_size)
+        clients.measure(server.pid, warmup)
         difference = max(
-            largest_difference(served_logprobs(server.url, server.model, r), score([r])[0])
+            largest_difference(served_logprobs(server.url, server.model, r), scorer([r])[0])
             for r in timed[:CORRECTNESS_SAMPLE]
+            for scorer in scorers.values()
         )
-        print(f"served vs direct log-probs: largest difference {difference:.2e} over {CORRECTNESS_SAMPLE} requests")
-        direct, served = [], []
-        for round_index in range(args.rounds):  # interleaved, so drift on a shared machine hits both alike
-            direct.append(measure_direct(score, timed, args.max_batch_size))
+        packed_difference = max(
+            largest_difference(shared, unshared)
+            for shared, unshared in zip(scorers["direct"](timed[:CORRECTNESS_SAMPLE]), scorers["direct, unshared"](timed[:CORRECTNESS_SAMPLE]))
+        )
+        print(f"served vs direct log-probs: largest difference {difference:.2e} over {CORRECTNESS_SAMPLE} requests; "
+              f"packed vs unshared batch of {CORRECTNESS_SAMPLE}: {packed_difference:.2e}")  # fmt: skip
+        runs: dict[str, list[Throughput]] = {name: [] for name in [*scorers, "served"]}
+        for round_index in range(args.rounds):  # interleaved, so drift on a shared machine hits all alike
+            for name, score in scorers.items():
+                runs[name].append(measure_direct(score, timed, args.max_batch_size))
             with profiled_round(args, server.pid, round_index):
-                served.append(measure_served(server.pid, server.url, server.model, timed, args.clients))
+                runs["served"].append(clients.measure(server.pid, timed))
     finally:
+        clients.close()
         server.stop()
     peer = run_peer(args, checkpoint, scratch) if args.peer_python else None
-    return report(direct, served, peer, args)
+    return report(runs, peer, args)
 
 
 @contextlib.contextmanager
@@ -271,29 +349,30 @@ def profiled_round(args: argparse.Namespace, server_pid: int, round_index: int) 
         print(f"py-spy profile of served round {round_index} ({kind} threads): {out}")
 
 
-def run_peer(args: argparse.Namespace, checkpoint: Path, scratch: Path) -> float:
-    """Tokens/s of Hugging Face transformers on the same stream, in its own interpreter."""
+def run_peer(args: argparse.Namespace, checkpoint: Path, scratch: Path) -> dict[str, float]:
+    """Tokens/s of Hugging Face transformers on the same stream, in its own interpreter, by mode."""
     result = scratch / "peer.json"
     peer = Path(__file__).with_name("hf_peer.py")
     subprocess.run([args.peer_python, str(peer), "--checkpoint", str(checkpoint), "--requests", str(args.requests),
-                    "--seed", str(args.seed), "--batch-size", str(args.max_batch_size), "--rounds", str(args.rounds),
-                    "--out", str(result)], check=True)  # fmt: skip
+                    "--seed", str(args.seed), "--stream", args.stream, "--batch-size", str(args.max_batch_size),
+                    "--rounds", str(args.rounds), "--out", str(result)], check=True)  # fmt: skip
     return json.loads(result.read_text())["tokens_per_s"]
 
 
-def report(direct: list[Throughput], served: list[Throughput], peer: float | None, args: argparse.Namespace) -> float:
-    for name, runs in (("direct", direct), (f"served ({args.clients} clients)", served)):
-        rates = ", ".join(f"{t.tokens_per_s:,.0f}" for t in runs)
-        print(f"{name:<20} tokens/s per round: {rates}")
-        print(f"{'':<20} CPU ms per 1k tokens (median round): {_median_cpu(runs)}")
-    best_direct = max(t.tokens_per_s for t in direct)
-    best_served = max(t.tokens_per_s for t in served)
-    print(f"direct (best round): {best_direct:,.0f} tokens/s (batches of {args.max_batch_size})")
-    print(f"served (best round): {best_served:,.0f} tokens/s")
-    if peer is not None:
-        print(f"Hugging Face transformers in-process (best round): {peer:,.0f} tokens/s (batches of {args.max_batch_size})")
-        print(f"served / transformers = {best_served / peer:.3f}")
-    ratio = best_served / best_direct
+def report(runs: dict[str, list[Throughput]], peer: dict[str, float] | None, args: argparse.Namespace) -> float:
+    """Scored prompt tokens per second: every request's tokens count, computed once or not."""
+    for name, measured in runs.items():
+        label = f"served ({args.clients} clients in {args.client_processes} processes)" if name == "served" else name
+        print(f"{label:<20} tokens/s per round: {', '.join(f'{t.tokens_per_s:,.0f}' for t in measured)}")
+        print(f"{'':<20} CPU ms per 1k tokens (median round): {_median_cpu(measured)}")
+    best = {name: max(t.tokens_per_s for t in measured) for name, measured in runs.items()}
+    for name, rate in best.items():
+        print(f"{name} (best round): {rate:,.0f} tokens/s" + ("" if name == "served" else f" (batches of {args.max_batch_size})"))
+    print(f"direct / direct, unshared = {best['direct'] / best['direct, unshared']:.3f}")
+    for mode, rate in (peer or {}).items():
+        print(f"Hugging Face transformers in-process, {mode} (best round): {rate:,.0f} tokens/s (batches of {args.max_batch_size})")
+        print(f"served / transformers, {mode} = {best['served'] / rate:.3f}")
+    ratio = best["served"] / best["direct"]
     print(f"served / direct = {ratio:.3f}")
     return ratio
 
@@ -316,8 +395,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=384, help="timed requests per round (default: 384)")
     parser.add_argument("--rounds", type=int, default=2, help="direct/served measurement rounds (default: 2)")
     parser.add_argument("--clients", type=int, default=16, help="concurrent HTTP clients (default: 16)")
+    parser.add_argument("--client-processes", type=int, default=1, help="processes the clients' threads are spread over (default: 1)")
     parser.add_argument("--max-batch-size", type=int, default=8, help="server and direct batch size (default: 8)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the request stream (default: 0)")
+    parser.add_argument("--stream", default="mmlu", choices=STREAMS, help="continuations: letters (mmlu, default) or choice texts (arc)")
     parser.add_argument("--server-arg", action="append", default=[],
                         help="extra server option, repeatable, e.g. --server-arg=--queue-delay-us=500")  # fmt: skip
     parser.add_argument("--profile-with", metavar="PY_SPY", help="py-spy executable: sample the server during each served round")

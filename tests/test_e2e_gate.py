@@ -44,6 +44,7 @@ MODEL_ID = "tiny"  # every run gates against baselines/tiny/, whatever checkpoin
 LIMIT = 8  # questions per (sub)task: 8 ARC, 57 MMLU (one per subject in these datasets)
 ONE_OF_EACH_KIND = ("arc_challenge", "mmlu", "arc_challenge_chat")  # log-likelihood, generation, chat
 ARC_SPLITS = ("test", "validation", "train")  # lm-eval reads train as the few-shot pool
+LOGLIKELIHOOD_TOLERANCE = 1e-4  # a choice's summed log-likelihood over its tokens, float32
 DAMAGE = 1.0  # noise as large as the weights' own spread: answers flip, the model still runs
 
 
@@ -137,6 +138,31 @@ def answers(run_dir: Path) -> dict[str, Any]:
     }
 
 
+def assert_same_answers(left: dict[str, Any], right: dict[str, Any]) -> None:
+    """Generated texts equal; log-likelihoods equal up to float32 reassociation: a choice
+    packed with other prompts sharing its context (``server/shared_prefix.py``) runs in
+    matrices of other shapes than alone, which moves its sum by ~1e-6."""
+    assert left and left.keys() == right.keys()
+    for doc_hash in left:
+        for mine, theirs in zip(_leaves(left[doc_hash]), _leaves(right[doc_hash]), strict=True):
+            if _is_number(mine) and _is_number(theirs):
+                assert abs(float(mine) - float(theirs)) <= LOGLIKELIHOOD_TOLERANCE, (doc_hash, mine, theirs)
+            else:
+                assert mine == theirs, (doc_hash, mine, theirs)
+
+
+def _leaves(value: Any) -> list[Any]:
+    return [leaf for item in value for leaf in _leaves(item)] if isinstance(value, list) else [value]
+
+
+def _is_number(text: Any) -> bool:
+    try:
+        float(text)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 def server_ready_lines(run_dir: Path) -> list[str]:
     return [
         line
@@ -182,7 +208,7 @@ def test_recorded_baselines_pass_again_with_one_shared_server_under_xdist(
     gated.stdout.fnmatch_lines(["*mtserve benchmark gate*", "*3 pass*"])
     # The server is deterministic whatever the batching (one client, then two workers' at once):
     # every answer is the same, so no question flips.
-    assert answers(pytester.path / "gate") == answers(pytester.path / "record")
+    assert_same_answers(answers(pytester.path / "gate"), answers(pytester.path / "record"))
     for name, row in report_rows(pytester, "gate").items():
         assert (row["verdict"], row["method"], row["p_value"], row["delta"]) == ("pass", "mcnemar-exact", 1.0, 0.0), name
         assert "(b=0, c=0)" in row["detail"], name

@@ -15,7 +15,7 @@ TOLERANCE = 1e-5
 def make_engine(local_model, server_tokenizer):
     from pytest_mtserve.server.engine import InferenceEngine
 
-    def make(eos_token_ids: set[int] | None = None, group_by_length: bool = True) -> InferenceEngine:
+    def make(eos_token_ids: set[int] | None = None, group_by_length: bool = True, share_prefixes: bool = True) -> InferenceEngine:
         return InferenceEngine(
             local_model.runner,
             is_leader=True,
@@ -23,6 +23,7 @@ def make_engine(local_model, server_tokenizer):
             eos_token_ids={server_tokenizer.eos_token_id} if eos_token_ids is None else eos_token_ids,
             detokenizer=server_tokenizer,
             group_by_length=group_by_length,
+            share_prefixes=share_prefixes,
         )
 
     return make
@@ -125,6 +126,48 @@ def test_very_different_prompt_lengths_run_as_groups_with_unchanged_results(make
         assert apart.output_tokens == together.output_tokens
         assert_close(apart.output_logprobs, together.output_logprobs)
         assert_close((apart.prompt_logprobs or [None])[1:], (together.prompt_logprobs or [None])[1:])
+
+
+def test_choices_sharing_a_context_are_scored_in_one_packed_row_as_they_are_alone(make_engine, local_model, prompts) -> None:
+    """lm-eval scores a question's context once per answer choice: packed, the context runs
+    once, and each choice still gets exactly its own log-probs (this fails if a choice could
+    see another's tokens, or ran at its slot in the pack instead of its own positions)."""
+    context = prompts[2]
+    choices = [context + prompts[1], context + prompts[0][:4], context + prompts[0][5:7], context + prompts[1][:1]]
+    items = [WorkItem(choice, max_tokens=1, logprobs=2, echo=True) for choice in choices]
+    engine, widths = make_engine(eos_token_ids=set()), []
+    handle = local_model.runner.model.register_forward_pre_hook(lambda module, args: widths.append(args[0].shape))
+    try:
+        packed = engine.run(items)
+    finally:
+        handle.remove()
+    assert widths == [torch.Size([1, sum(len(c) for c in choices) - 3 * len(context)])]  # the context once
+    for item, together in zip(items, packed):
+        alone = make_engine(eos_token_ids=set()).run([item])[0]
+        assert_close(together.prompt_logprobs[1:], reference_logprobs(local_model, item.prompt_tokens))
+        assert_close(together.prompt_logprobs[1:], alone.prompt_logprobs[1:])
+        assert [list(top) for top in together.prompt_top_logprobs[1:]] == [list(top) for top in alone.prompt_top_logprobs[1:]]
+        assert together.output_tokens == alone.output_tokens and len(together.output_tokens) == 1
+        assert_close(together.output_logprobs, alone.output_logprobs)
+
+
+def test_a_one_token_prompt_is_scored_with_nothing_to_score(make_engine, prompts) -> None:
+    result = make_engine().run([WorkItem(prompts[1][:1], max_tokens=1, logprobs=1, echo=True)])[0]
+    assert result.prompt_logprobs == [None] and result.prompt_top_logprobs == [None]
+    assert len(result.output_tokens) == 1 and len(result.output_logprobs) == 1
+
+
+def test_prefix_sharing_can_be_turned_off_without_changing_results(make_engine, local_model, prompts) -> None:
+    items = [WorkItem(prompts[2] + [token], max_tokens=0, logprobs=1, echo=True) for token in prompts[0][:3]]
+    shared, widths = make_engine().run(items), []
+    handle = local_model.runner.model.register_forward_pre_hook(lambda module, args: widths.append(args[0].shape))
+    try:
+        apart = make_engine(share_prefixes=False).run(items)
+    finally:
+        handle.remove()
+    assert widths == [torch.Size([3, len(prompts[2]) + 1])]  # one padded batch of three rows
+    for left, right in zip(shared, apart):
+        assert_close(left.prompt_logprobs[1:], right.prompt_logprobs[1:])
 
 
 def test_seeded_sampling_is_reproducible_and_seed_dependent(make_engine, prompts) -> None:

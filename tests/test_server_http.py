@@ -142,11 +142,15 @@ def test_tp8_on_cpu_matches_tp1(tiny_server_tp1, start_tiny_server) -> None:
         tp8.stop()
 
 
-def front_end_process(server) -> psutil.Process:
-    (frontend,) = (
+def front_end_processes(server) -> list[psutil.Process]:
+    return [
         child for child in psutil.Process(server.pid).children(recursive=True)
         if "pytest_mtserve.server.frontend_process" in " ".join(child.cmdline())
-    )
+    ]
+
+
+def front_end_process(server) -> psutil.Process:
+    (frontend,) = front_end_processes(server)
     return frontend
 
 
@@ -158,11 +162,18 @@ def test_the_front_end_runs_in_its_own_process_without_torch(tiny_server_tp1) ->
     assert complete(tiny_server_tp1, prompt="hello", max_tokens=1)["choices"][0]["text"] is not None
 
 
-def test_a_front_end_that_dies_stops_the_server(start_tiny_server) -> None:
-    server = start_tiny_server("--tp", "1")
-    front_end_process(server).kill()
+def test_front_end_processes_share_the_port_and_one_dying_stops_the_server(start_tiny_server) -> None:
+    server = start_tiny_server("--tp", "1", "--frontend-processes", "2")
+    frontends = front_end_processes(server)
+    assert len(frontends) == 2
+    # A new connection per request: the kernel spreads them over both processes.
+    assert len({tuple(echo_logprobs(server, PROMPTS[0])) for _ in range(6)}) == 1
+    connections = {f.pid: [c for c in f.net_connections() if c.status == psutil.CONN_LISTEN] for f in frontends}
+    assert all(len(listening) == 1 for listening in connections.values())
+    frontends[0].kill()
     psutil.Process(server.pid).wait(timeout=60)
     assert "the HTTP front end exited with code -9; stopping" in server.tail()
+    frontends[1].wait(timeout=30)
 
 
 def test_a_killed_server_takes_its_front_end_along(start_tiny_server) -> None:

@@ -6,11 +6,15 @@ tokens and log-probs; the tokens it picks reach the other ranks through ``share_
 each step, so all ranks agree on what comes next.
 
 A batch of very different prompt lengths runs as several groups of similar lengths
-(``batch_split``), so that short rows are not padded to the longest.
+(``batch_split``), so that short rows are not padded to the longest. Log-likelihood rows
+(echoed prompt log-probs, at most one new token: how lm-eval scores each answer choice) run
+apart from generations, in packs where prompts that share a prefix compute it once
+(``shared_prefix``).
 
 Batch invariance: each row's prompt is scored at its true positions (right padding, exact
 masks) and each row decodes from its own KV-cache slots at its own positions (all rows in
-one forward pass per step, see ``BatchCache``); sampling uses the row's own seeded
+one forward pass per step, see ``BatchCache``); a packed prompt sees only the shared prefix
+and its own tokens, at its own positions; sampling uses the row's own seeded
 generator. A request therefore gets the same result alone, inside any batch or any group,
 up to floating-point reassociation inside matrix products.
 """
@@ -25,6 +29,7 @@ import torch
 from pytest_mtserve.server.batch_split import split_by_length
 from pytest_mtserve.server.model_runner import ModelRunner
 from pytest_mtserve.server.sampling import choose_token, row_generator, top_logprobs
+from pytest_mtserve.server.shared_prefix import Pack, pack_prompts
 from pytest_mtserve.server.work import WorkItem, WorkResult
 
 # Rank 0 passes the tokens it chose (None for finished rows); other ranks receive them.
@@ -43,6 +48,12 @@ class _Row:
     done: bool = False  # tracked on rank 0; the other ranks follow the shared tokens
 
 
+def _scores_prompt_only(item: WorkItem) -> bool:
+    """A log-likelihood request (how lm-eval scores a choice): the echoed prompt's log-probs
+    and at most one new token, so no decode step and no KV cache."""
+    return item.echo and item.logprobs is not None and item.max_tokens <= 1
+
+
 class InferenceEngine:
     def __init__(
         self,
@@ -53,9 +64,11 @@ class InferenceEngine:
         eos_token_ids: set[int],
         detokenizer: Detokenizer | None,
         group_by_length: bool = True,
+        share_prefixes: bool = True,
     ):
         self.runner = runner
         self.group_by_length = group_by_length
+        self.share_prefixes = share_prefixes
         self.is_leader = is_leader
         self.share_tokens = share_tokens
         self.eos_token_ids = eos_token_ids
@@ -69,8 +82,10 @@ class InferenceEngine:
         # after an error rank 0 still runs every group, telling the others "every row is
         # done" at each step, and raises at the end.
         errors: list[Exception] = []
-        for group in self._groups(rows):
-            self._run_group(rows[group.start : group.stop], errors)
+        generating = [r for r in rows if not _scores_prompt_only(r.item)]
+        for group in self._groups([len(r.item.prompt_tokens) for r in generating], [r.item.max_tokens for r in generating]):
+            self._run_group(generating[group.start : group.stop], errors)
+        self._run_packs([r for r in rows if _scores_prompt_only(r.item)], errors)
         if errors:
             raise errors[0]
 
@@ -79,11 +94,57 @@ class InferenceEngine:
             results[original_index] = rows[sorted_index].result
         return results  # type: ignore[return-value]
 
-    def _groups(self, rows: list[_Row]) -> list[range]:
+    def _groups(self, lengths: list[int], new_tokens: list[int]) -> list[range]:
+        """Forward passes over rows sorted by ``lengths`` (``batch_split``)."""
+        if not lengths:
+            return []
         if not self.group_by_length:
-            return [range(len(rows))]
-        lengths = [len(r.item.prompt_tokens) for r in rows]
-        return split_by_length(lengths, [r.item.max_tokens for r in rows], self.runner.forward_cost)
+            return [range(len(lengths))]
+        return split_by_length(lengths, new_tokens, self.runner.forward_cost)
+
+    def _run_packs(self, rows: list[_Row], errors: list[Exception]) -> None:
+        """Score log-likelihood rows (no decode step) in packs that compute a prefix shared
+        by several prompts once (``shared_prefix``)."""
+        packs: list[tuple[Pack, list[_Row]]] = []
+        # One top-k per pack: its members ask for the same number of alternatives.
+        for alternatives in sorted({r.item.logprobs for r in rows}):
+            asking = [r for r in rows if r.item.logprobs == alternatives]
+            for pack in pack_prompts([r.item.prompt_tokens for r in asking], share=self.share_prefixes):
+                packs.append((pack, [asking[i] for i in pack.members]))
+        packs.sort(key=lambda entry: len(entry[0]))
+        for group in self._groups([len(pack) for pack, _ in packs], [1] * len(packs)):
+            batch = packs[group.start : group.stop]
+            logits = self.runner.prefill_packed([pack for pack, _ in batch])
+            if self.is_leader and not errors:
+                try:
+                    for (pack, members), pack_logits in zip(batch, logits):
+                        self._score_pack(pack, members, pack_logits)
+                except Exception as error:
+                    errors.append(error)
+
+    def _score_pack(self, pack: Pack, members: list[_Row], logits: torch.Tensor) -> None:
+        for row in members:
+            row.result.output_logprobs, row.result.output_top_logprobs = [], []
+        self._score_prompts(members, pack.member_slots, logits[: len(pack)])
+        for row, slots in zip(members, pack.member_slots):
+            if row.item.max_tokens == 1:
+                self._append_token(row, logits[slots[-1]])
+
+    def _score_prompts(self, rows: list[_Row], member_slots: list[list[int]], logits: torch.Tensor) -> None:
+        """Each row's prompt log-probs and top alternatives, read at ``member_slots`` of
+        ``logits`` ([slots, vocab]; the rows ask for the same number of alternatives)."""
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        top = top_logprobs(logprobs, rows[0].item.logprobs)
+        scored = [slot for slots in member_slots for slot in slots[:-1]]
+        targets = [token for row in rows for token in row.item.prompt_tokens[1:]]
+        index = {"dtype": torch.long, "device": logprobs.device}  # long even when empty (one-token prompts)
+        values = logprobs[torch.tensor(scored, **index), torch.tensor(targets, **index)].tolist()
+        start = 0
+        for row, slots in zip(rows, member_slots):
+            end = start + len(slots) - 1
+            row.result.prompt_logprobs = [None] + values[start:end]
+            row.result.prompt_top_logprobs = [None] + [top[slot] for slot in slots[:-1]]
+            start = end
 
     def _run_group(self, rows: list[_Row], errors: list[Exception]) -> None:
         """Prefill and decode rows (sorted by prompt length) as one batch."""
@@ -116,13 +177,9 @@ class InferenceEngine:
             return
         row.result.output_logprobs = []
         row.result.output_top_logprobs = []
-        if not item.echo:
-            return
-        length = len(item.prompt_tokens)
-        logprobs = torch.log_softmax(logits[: length - 1].float(), dim=-1)
-        targets = torch.tensor(item.prompt_tokens[1:], device=logprobs.device)
-        row.result.prompt_logprobs = [None] + logprobs.gather(1, targets[:, None])[:, 0].tolist()
-        row.result.prompt_top_logprobs = [None] + top_logprobs(logprobs, item.logprobs)
+        if item.echo:
+            length = len(item.prompt_tokens)
+            self._score_prompts([row], [list(range(length))], logits[: length - 1])
 
     def _choose(self, rows: list[_Row], next_logits: dict[int, torch.Tensor], errors: list[Exception]) -> list[int | None]:
         """Rank 0 picks each waiting row's next token and records it.

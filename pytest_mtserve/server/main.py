@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 
-from pytest_mtserve.server.options import ServerOptions, parse_server_options
+from pytest_mtserve.server.options import ServerOptions, default_frontend_processes, parse_server_options
 
 READY_PREFIX = "MTSERVE_READY "
 WATCH_PID_VARIABLE = "MTSERVE_WATCH_PID"  # stop when this process is gone
@@ -89,7 +89,7 @@ def _serve_rank(options: ServerOptions) -> int:
 
 
 def _lead(rank, options: ServerOptions) -> None:
-    from pytest_mtserve.server.frontend_process import FrontEndError, FrontEndProcess, FrontEndSettings
+    from pytest_mtserve.server.frontend_process import FrontEndError, FrontEndProcesses, FrontEndSettings
     from pytest_mtserve.server.process_life import stop_requested_on_signals
     from pytest_mtserve.server.triton_binding import TritonEngineServer
 
@@ -103,7 +103,7 @@ def _lead(rank, options: ServerOptions) -> None:
     frontend = None
     try:
         triton.start()
-        frontend = FrontEndProcess(
+        frontend = FrontEndProcesses(
             FrontEndSettings(
                 model_name=options.model_name,
                 tokenizer_dir=str(rank.tokenizer_dir),
@@ -113,7 +113,8 @@ def _lead(rank, options: ServerOptions) -> None:
                 triton_url=triton.url,
                 triton_model_name=triton.triton_model_name,
                 request_timeout_s=options.request_timeout,
-            )
+            ),
+            options.frontend_processes or default_frontend_processes(os.cpu_count()),
         )
         try:
             url = frontend.start()

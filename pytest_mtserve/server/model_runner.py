@@ -6,7 +6,7 @@ the attention mask hides padding and the future, and masked keys contribute exac
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -14,6 +14,7 @@ import torch
 
 from pytest_mtserve.server.architecture import ModelArchitecture
 from pytest_mtserve.server.batch_split import ForwardCost
+from pytest_mtserve.server.shared_prefix import PREFIX_SEGMENT, Pack
 
 
 @dataclass
@@ -76,6 +77,30 @@ class ModelRunner:
             cache.prompt_lengths, cache.width = lengths, width
         return logits[..., : self.vocab_size]
 
+    @torch.inference_mode()
+    def prefill_packed(self, packs: Sequence[Pack]) -> torch.Tensor:
+        """Logits [packs, longest pack, vocab] at every slot of each pack (``shared_prefix``).
+
+        A member's own tokens see the shared prefix and their own earlier tokens, never
+        another member's, and run at their positions in their own prompt."""
+        lengths = torch.tensor([len(p) for p in packs], device=self.device)
+        width = int(lengths.max())
+        tokens = torch.zeros(len(packs), width, dtype=torch.long, device=self.device)
+        positions = torch.zeros_like(tokens)
+        segments = torch.full_like(tokens, PREFIX_SEGMENT)  # padding: its keys are hidden below
+        for row, pack in enumerate(packs):
+            for target, values in ((tokens, pack.tokens), (positions, pack.positions), (segments, pack.segments)):
+                target[row, : len(pack)] = torch.tensor(values, device=self.device)
+        slots = torch.arange(width, device=self.device)
+        future = slots[None, :] > slots[:, None]  # [query, key]
+        padding = slots[None, :] >= lengths[:, None]  # [row, key]
+        key_segment, query_segment = segments[:, None, :], segments[:, :, None]
+        other_member = (key_segment != PREFIX_SEGMENT) & (key_segment != query_segment)  # [row, query, key]
+        mask = (future[None] | padding[:, None, :] | other_member)[:, None]
+        with self._rotary_at(lambda slot_count: positions.T[:slot_count]):
+            logits = self.model(tokens, positions, mask, inference_context=None, runtime_gather_output=True)
+        return logits[..., : self.vocab_size]
+
     @contextmanager
     def _output_layer_only_at(self, positions: torch.Tensor) -> Iterator[None]:
         """Feed the output layer one position per row: a generation needs no other logits,
@@ -107,25 +132,31 @@ class ModelRunner:
         padding = (slots[None, :] >= lengths[:, None]) & (slots[None, :] < cache.width)  # [row, key]
         step = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]
         positions = (lengths + cache.steps)[:, None]
-        with self._rotary_by_row(lengths, cache.width):
+        with self._rotary_at(lambda slots: self._decode_positions(slots, lengths, cache.width)):
             logits = self.model(step, positions, padding[:, None, None, :], inference_context=context, runtime_gather_output=True)
         cache.steps += 1
         return logits[:, -1, : self.vocab_size]
 
+    @staticmethod
+    def _decode_positions(slots: int, lengths: torch.Tensor, width: int) -> torch.Tensor:
+        """Position of each cache slot per row [slots, rows]: slot j is position j in the prompt
+        part and length + (j - width) in the decoded part."""
+        slot = torch.arange(slots, device=lengths.device)[:, None]
+        return torch.where(slot < width, slot, lengths[None, :] + slot - width)
+
     @contextmanager
-    def _rotary_by_row(self, lengths: torch.Tensor, width: int) -> Iterator[None]:
-        """Rotary embeddings per row and cache slot: slot j is position j in the prompt part
-        and length + (j - width) in the decoded part. (Megatron's static cache keeps keys
-        unrotated and rotates them each step by slot, which assumes one layout for all rows.)"""
+    def _rotary_at(self, positions_for: Callable[[int], torch.Tensor]) -> Iterator[None]:
+        """Rotary embeddings at each row's own position per slot; ``positions_for(slots)``
+        gives them as [slots, rows]. Megatron rotates slot j by position j for every row (its
+        static cache keeps keys unrotated and rotates them each step by slot), which holds
+        neither for rows decoding in lockstep nor for packed prompts."""
         rotary = getattr(self.model, "rotary_pos_emb", None)
         if rotary is None:  # learned absolute positions come from the position ids
             yield
             return
 
         def per_row(module, args, by_slot: torch.Tensor) -> torch.Tensor:  # [slots, 1, 1, dim]
-            slots = torch.arange(by_slot.shape[0], device=by_slot.device)[:, None]
-            position = torch.where(slots < width, slots, lengths[None, :] + slots - width)
-            return by_slot[:, 0, 0][position][:, :, None]  # [slots, rows, 1, dim]
+            return by_slot[:, 0, 0][positions_for(by_slot.shape[0])][:, :, None]  # [slots, rows, 1, dim]
 
         handle = rotary.register_forward_hook(per_row)
         try:

@@ -424,17 +424,21 @@ def _usage(prompts: list[Prompt], results: list[WorkResult]) -> UsageInfo:
 class FrontEndServer:
     """Runs the app under uvicorn in a background thread (no signal handlers of its own)."""
 
-    def __init__(self, app: FastAPI, host: str, port: int, *, warmup_timeout_s: float = 600.0) -> None:
+    def __init__(
+        self, app: FastAPI, host: str, port: int, *, listener: socket.socket | None = None, warmup_timeout_s: float = 600.0
+    ) -> None:
+        """``listener``: a socket bound to ``host:port`` already, shared with other front ends."""
         self._app = app
         self._host = host
         self._port = port
+        self._listener = listener
         self._warmup_timeout_s = warmup_timeout_s
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
 
     def start(self) -> str:
         """Listen, answer one real completion over HTTP, then report healthy; returns the base URL."""
-        sock = bind_listening_socket(self._host, self._port, "HTTP front end", option="--port")
+        sock = self._listener or bind_listening_socket(self._host, self._port, "HTTP front end", option="--port")
         port = sock.getsockname()[1]
         config = uvicorn.Config(self._app, log_level="warning", timeout_graceful_shutdown=2)
         self._server = uvicorn.Server(config)

@@ -30,6 +30,7 @@ class ServerOptions:
     attention_backend: str
     queue_delay_us: int
     request_timeout: float
+    frontend_processes: int = 0  # 0: default_frontend_processes()
 
     @property
     def world_size(self) -> int:
@@ -67,6 +68,10 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how long Triton waits to fill a batch, in microseconds (default: 2000)")
     parser.add_argument("--request-timeout", type=float, default=600.0,
                         help="seconds the HTTP front end waits for Triton per request (default: 600)")
+    parser.add_argument("--frontend-processes", type=int, default=0, metavar="N",
+                        help="HTTP front end processes sharing the port: parsing, tokenizing and "
+                             "building responses take a core each; 0 picks one per 4 CPU cores, "
+                             "at most 4 (default: 0)")
 
 
 def parse_server_options(argv: list[str] | None = None, prog: str = "mtserve serve") -> ServerOptions:
@@ -79,6 +84,8 @@ def options_from_namespace(args: argparse.Namespace, parser: argparse.ArgumentPa
     for name in ("tp", "pp", "max_batch_size", "inference_max_seq_length"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.frontend_processes < 0:
+        parser.error("--frontend-processes must be 0 (one per 4 CPU cores) or more")
     for name in ("port", "triton_port"):
         if not 0 <= getattr(args, name) <= 65535:
             parser.error(f"--{name.replace('_', '-')} must be a port number (0-65535)")
@@ -95,4 +102,11 @@ def to_argv(options: ServerOptions) -> list[str]:
         "--model-name", options.model_name, "--device", options.device, "--dtype", options.dtype,
         "--attention-backend", options.attention_backend,
         "--queue-delay-us", str(options.queue_delay_us), "--request-timeout", str(options.request_timeout),
+        "--frontend-processes", str(options.frontend_processes),
     ]
+
+
+def default_frontend_processes(cpu_count: int | None) -> int:
+    """One front end process per 4 CPU cores, 1 to 4: on a small machine they would take the
+    cores the engine and the evaluation need; beyond 4 the engine is the limit."""
+    return max(1, min(4, (cpu_count or 1) // 4))
