@@ -230,6 +230,7 @@ def test_sdpa_attention_matches_unfused(local_model) -> None:
     """The SDPA core attention (for GPUs) computes what the unfused local one does."""
     from pytest_mtserve.server.model import build_model
     from pytest_mtserve.server.model_runner import ModelRunner
+    from pytest_mtserve.server.shared_prefix import pack_prompts
     from pytest_mtserve.server.tiny_checkpoint import TINY_ARCHITECTURE, tiny_state_dict
 
     prompts, outputs = [[1, 2, 3, 4, 5, 6, 7], [9, 8, 7]], {}
@@ -239,7 +240,8 @@ def test_sdpa_attention_matches_unfused(local_model) -> None:
         runner = ModelRunner(model, TINY_ARCHITECTURE, torch.device("cpu"))
         cache = runner.new_cache(2, 7, 9)
         prefill = runner.prefill(prompts, cache)
-        outputs[backend] = (prefill[0], prefill[1, :3], runner.decode(cache, [5], 1))
+        (packed,) = pack_prompts([[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 8, 9]])  # masks other than causal
+        outputs[backend] = (prefill[0], prefill[1, :3], runner.decode(cache, [5], 1), runner.prefill_packed([packed])[0])
     for unfused, sdpa in zip(outputs["unfused"], outputs["sdpa"]):
         torch.testing.assert_close(sdpa, unfused, rtol=1e-4, atol=1e-4)
 
