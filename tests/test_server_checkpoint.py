@@ -89,10 +89,11 @@ def test_parallelism_the_model_cannot_take_is_refused(tiny_checkpoint: Path, tp:
     [
         (["--checkpoint", "/nonexistent/ckpt"], "checkpoint path /nonexistent/ckpt does not exist"),
         (["--tp", "3"], "--tp 3 does not divide"),
+        (["--frontend-processes", "-1"], "--frontend-processes must be 0 (one per 4 CPU cores) or more"),
         pytest.param(["--device", "cuda"], "no CUDA GPU is visible; use --device cpu", id="no-gpu",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible here")),
     ],
-    ids=["missing-checkpoint", "bad-tp", "no-gpu"],
+    ids=["missing-checkpoint", "bad-tp", "negative-frontend-processes", "no-gpu"],
 )
 def test_server_command_refuses_bad_input_quickly(tiny_checkpoint: Path, args: list[str], message: str) -> None:
     command = [sys.executable, "-m", "pytest_mtserve.server", "--checkpoint", str(tiny_checkpoint), *args]
@@ -121,3 +122,9 @@ def test_a_random_weight_checkpoint_loads_with_the_requested_spread(tiny_checkpo
     assert done.returncode == 0, done.stderr[-2000:]
     std = float(done.stdout.split("STD")[-1])
     assert 0.019 < std < 0.021
+
+
+def test_front_end_processes_default_to_one_per_four_cores_up_to_four() -> None:
+    from pytest_mtserve.server.options import default_frontend_processes
+
+    assert [default_frontend_processes(cores) for cores in (None, 1, 2, 7, 8, 16, 128)] == [1, 1, 1, 1, 2, 4, 4]
