@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from forward_perf import hf_forward  # noqa: E402
-from serving_overhead import STREAMS, total_tokens, warmup_and_timed  # noqa: E402
+from serving_overhead import STREAMS, in_batches, total_tokens, warmup_and_timed  # noqa: E402
 
 from pytest_mtserve.server.checkpoint import locate_checkpoint  # noqa: E402
 from pytest_mtserve.server.tokenizer import load_tokenizer  # noqa: E402
@@ -65,10 +65,10 @@ def main() -> None:
     warmup, timed = warmup_and_timed(load_tokenizer(info.tokenizer_dir), args.requests, args.seed, args.stream)
     _, _, model = hf_forward(info.architecture)
     score = scorer(model)
-    batches = [[r.token_ids for r in timed[i : i + args.batch_size]] for i in range(0, len(timed), args.batch_size)]
+    batches = [[r.token_ids for r in batch] for batch in in_batches(timed, args.batch_size)]
     modes = {"one row per request": batches, "lm-eval logits cache": [one_row_per_context(b) for b in batches]}
-    for i in range(0, len(warmup), args.batch_size):
-        score([r.token_ids for r in warmup[i : i + args.batch_size]])
+    for batch in in_batches(warmup, args.batch_size):
+        score([r.token_ids for r in batch])
     rates: dict[str, list[float]] = {mode: [] for mode in modes}
     for _ in range(args.rounds):
         for mode, mode_batches in modes.items():

@@ -124,6 +124,11 @@ def completion_body(request: ScoringRequest, model: str) -> dict[str, Any]:
             "logprobs": 1, "stream": False, "seed": 1234, "echo": True}  # fmt: skip
 
 
+def in_batches(requests: Sequence[ScoringRequest], batch_size: int) -> list[Sequence[ScoringRequest]]:
+    """Consecutive batches in stream order, as direct scoring and the peer run them."""
+    return [requests[i : i + batch_size] for i in range(0, len(requests), batch_size)]
+
+
 def total_tokens(requests: Sequence[ScoringRequest]) -> int:
     return sum(len(r.token_ids) for r in requests)
 
@@ -163,13 +168,12 @@ def model_tokens_per_scored_token(requests: Sequence[ScoringRequest], batch_size
     """Tokens the packed prefills run per prompt token scored, in batches of ``batch_size``."""
     from pytest_mtserve.server.shared_prefix import pack_prompts
 
-    batches = [requests[i : i + batch_size] for i in range(0, len(requests), batch_size)]
-    packed = sum(len(pack) for batch in batches for pack in pack_prompts([r.token_ids for r in batch]))
+    packed = sum(len(pack) for batch in in_batches(requests, batch_size) for pack in pack_prompts([r.token_ids for r in batch]))
     return packed / total_tokens(requests)
 
 
 def measure_direct(score: Callable, requests: Sequence[ScoringRequest], batch_size: int) -> Throughput:
-    batches = [requests[i : i + batch_size] for i in range(0, len(requests), batch_size)]
+    batches = in_batches(requests, batch_size)
     started, cpu_started = time.perf_counter(), time.process_time()
     for batch in batches:
         score(batch)

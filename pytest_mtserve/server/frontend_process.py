@@ -28,7 +28,7 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 if TYPE_CHECKING:
     from pytest_mtserve.server.openai_api import FrontEndServer
@@ -75,7 +75,7 @@ class FrontEndProcesses:
             urls = [self._wait_ready(process, ready) for process, ready in zip(self._processes, readies)]
         return urls[0]
 
-    def _spawn(self, listen_fd: int):
+    def _spawn(self, listen_fd: int) -> TextIO:
         read_fd, write_fd = os.pipe()
         settings = json.dumps(asdict(self._settings))
         command = [sys.executable, "-m", __name__, settings, str(listen_fd), str(write_fd), str(os.getpid())]
@@ -87,7 +87,7 @@ class FrontEndProcesses:
             os.close(write_fd)
         return os.fdopen(read_fd)
 
-    def _wait_ready(self, process: subprocess.Popen, ready) -> str:
+    def _wait_ready(self, process: subprocess.Popen, ready: TextIO) -> str:
         with ready:
             line = ready.readline()  # EOF if the child dies first
         if not line:

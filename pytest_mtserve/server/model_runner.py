@@ -57,13 +57,9 @@ class ModelRunner:
         ``last_positions_only`` [batch, 1, vocab] at each prompt's last token."""
         lengths = torch.tensor([len(p) for p in prompts], device=self.device)
         width = int(lengths.max())
-        tokens = torch.zeros(len(prompts), width, dtype=torch.long, device=self.device)
-        for row, prompt in enumerate(prompts):
-            tokens[row, : len(prompt)] = torch.tensor(prompt, device=self.device)
+        tokens = self._right_padded(prompts, width)
         positions = torch.arange(width, device=self.device)
-        future = positions[None, :] > positions[:, None]  # [query, key]
-        padding = positions[None, :] >= lengths[:, None]  # [row, key]
-        mask = (future[None, :, :] | padding[:, None, :])[:, None]  # [row, 1, query, key]
+        mask = self._causal_mask(lengths, width)[:, None]  # [row, 1, query, key]
         with self._output_layer_only_at(lengths - 1) if last_positions_only else nullcontext():
             logits = self.model(
                 tokens,
@@ -85,21 +81,31 @@ class ModelRunner:
         another member's, and run at their positions in their own prompt."""
         lengths = torch.tensor([len(p) for p in packs], device=self.device)
         width = int(lengths.max())
-        tokens = torch.zeros(len(packs), width, dtype=torch.long, device=self.device)
-        positions = torch.zeros_like(tokens)
-        segments = torch.full_like(tokens, PREFIX_SEGMENT)  # padding: its keys are hidden below
-        for row, pack in enumerate(packs):
-            for target, values in ((tokens, pack.tokens), (positions, pack.positions), (segments, pack.segments)):
-                target[row, : len(pack)] = torch.tensor(values, device=self.device)
-        slots = torch.arange(width, device=self.device)
-        future = slots[None, :] > slots[:, None]  # [query, key]
-        padding = slots[None, :] >= lengths[:, None]  # [row, key]
+        tokens = self._right_padded([p.tokens for p in packs], width)
+        positions = self._right_padded([p.positions for p in packs], width)
+        # Padding gets segment 0 == PREFIX_SEGMENT: a padding query sees the prefix, so no row of
+        # the mask is all hidden (SDPA would give NaN there); padding keys are hidden anyway.
+        segments = self._right_padded([p.segments for p in packs], width)
         key_segment, query_segment = segments[:, None, :], segments[:, :, None]
         other_member = (key_segment != PREFIX_SEGMENT) & (key_segment != query_segment)  # [row, query, key]
-        mask = (future[None] | padding[:, None, :] | other_member)[:, None]
+        mask = (self._causal_mask(lengths, width) | other_member)[:, None]
         with self._rotary_at(lambda slot_count: positions.T[:slot_count]):
             logits = self.model(tokens, positions, mask, inference_context=None, runtime_gather_output=True)
         return logits[..., : self.vocab_size]
+
+    def _right_padded(self, rows: Sequence[Sequence[int]], width: int) -> torch.Tensor:
+        """[rows, width] long tensor, each row's values first, then zeros."""
+        padded = torch.zeros(len(rows), width, dtype=torch.long, device=self.device)
+        for index, values in enumerate(rows):
+            padded[index, : len(values)] = torch.tensor(values, device=self.device)
+        return padded
+
+    def _causal_mask(self, lengths: torch.Tensor, width: int) -> torch.Tensor:
+        """[row, query, key], True where a key is hidden: the future, and each row's padding."""
+        slots = torch.arange(width, device=self.device)
+        future = slots[None, :] > slots[:, None]  # [query, key]
+        padding = slots[None, :] >= lengths[:, None]  # [row, key]
+        return future[None] | padding[:, None, :]
 
     @contextmanager
     def _output_layer_only_at(self, positions: torch.Tensor) -> Iterator[None]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-PREFIX_SEGMENT = 0  # segment of the shared tokens; member k's own tokens are segment k + 1
+PREFIX_SEGMENT = 0  # segment of the shared tokens (and of padding); member k's own tokens are segment k + 1
 
 
 @dataclass(frozen=True)
@@ -45,23 +45,22 @@ def pack_prompts(prompts: Sequence[Sequence[int]], *, share: bool = True) -> lis
     quadratic in its length.
     """
     order = sorted(range(len(prompts)), key=lambda i: tuple(prompts[i]))
-    groups: list[list[int]] = []
-    prefix_length = 0
+    groups: list[tuple[list[int], int]] = []  # members, and the length of their common prefix
     for index in order:
-        if share and groups and _may_join(prompts, groups[-1], prefix_length, prompts[index]):
-            prefix_length = _common_prefix_length(prompts[groups[-1][0]], prompts[index], prefix_length)
-            groups[-1].append(index)
-        else:
-            groups.append([index])
-            prefix_length = len(prompts[index])
-    return [_pack([list(prompts[i]) for i in group], group) for group in groups]
+        prompt = prompts[index]
+        if share and groups:
+            members, prefix_length = groups[-1]
+            shared = _common_prefix_length(prompts[members[0]], prompt, prefix_length)
+            if _worth_packing([len(prompts[i]) for i in members] + [len(prompt)], shared):
+                groups[-1] = (members + [index], shared)
+                continue
+        groups.append(([index], len(prompt)))
+    return [_pack([list(prompts[i]) for i in members], members, shared) for members, shared in groups]
 
 
-def _may_join(prompts: Sequence[Sequence[int]], group: list[int], prefix_length: int, prompt: Sequence[int]) -> bool:
-    shared = _common_prefix_length(prompts[group[0]], prompt, prefix_length)
-    members = [len(prompts[i]) for i in group] + [len(prompt)]
-    longest = max(members)
-    packed_length = shared + sum(length - shared for length in members)
+def _worth_packing(lengths: list[int], shared: int) -> bool:
+    longest = max(lengths)
+    packed_length = shared + sum(length - shared for length in lengths)
     return 2 * shared >= longest and packed_length <= 2 * longest
 
 
@@ -74,8 +73,7 @@ def _common_prefix_length(left: Sequence[int], right: Sequence[int], at_most: in
     return limit
 
 
-def _pack(prompts: list[list[int]], members: list[int]) -> Pack:
-    shared = min(_common_prefix_length(prompts[0], p, len(p)) for p in prompts)
+def _pack(prompts: list[list[int]], members: list[int], shared: int) -> Pack:
     tokens, positions = prompts[0][:shared], list(range(shared))
     segments, member_slots = [PREFIX_SEGMENT] * shared, []
     for k, prompt in enumerate(prompts):
