@@ -187,8 +187,10 @@ def measure_direct(score: Callable, requests: Sequence[ScoringRequest], batch_si
 class HttpClients:
     """``clients`` concurrent keep-alive HTTP clients, as threads spread over
     ``processes`` processes: one Python process parsing 16 streams of echoed log-probs runs
-    out of GIL before a fast server runs out of work. Request i goes to process
-    i % processes, where the threads drain their share in stream order."""
+    out of GIL before a fast server runs out of work. The threads of all processes take
+    requests from one shared counter, so requests leave in stream order as answers free
+    the clients, as lm-eval's client sends them (its tasks wait on one semaphore in
+    order): a question's choices, neighbours in the stream, reach the server together."""
 
     def __init__(self, url: str, model: str, clients: int, processes: int) -> None:
         from concurrent.futures import ProcessPoolExecutor
@@ -198,14 +200,18 @@ class HttpClients:
             raise SystemExit(f"--clients ({clients}) must be a multiple of --client-processes ({processes})")
         self.url, self.model, self.processes, self.threads = url, model, processes, clients // processes
         # spawn: the parent holds CUDA and the engine's threads, which fork does not survive.
-        self._pool = ProcessPoolExecutor(max_workers=processes, mp_context=get_context("spawn"))
+        context = get_context("spawn")
+        self._next_request = context.Value("q", 0)
+        self._pool = ProcessPoolExecutor(
+            max_workers=processes, mp_context=context, initializer=_share_counter, initargs=(self._next_request,)
+        )
 
     def measure(self, server_pid: int, requests: Sequence[ScoringRequest]) -> Throughput:
         bodies = [completion_body(request, self.model) for request in requests]
+        self._next_request.value = 0
         server_cpu_started = server_cpu_by_role(server_pid)
         started = time.perf_counter()
-        shares = [bodies[i :: self.processes] for i in range(self.processes)]
-        outcomes = list(self._pool.map(_post_all, [self.url] * self.processes, shares, [self.threads] * self.processes))
+        outcomes = list(self._pool.map(_post_all, [self.url] * self.processes, [bodies] * self.processes, [self.threads] * self.processes))
         elapsed = time.perf_counter() - started
         failures = [failure for _, process_failures in outcomes for failure in process_failures]
         if failures:
@@ -219,18 +225,27 @@ class HttpClients:
         self._pool.shutdown()
 
 
+_next_request: Any = None  # in a client process: the index of the next request to send, shared by all
+
+
+def _share_counter(counter: Any) -> None:
+    global _next_request
+    _next_request = counter
+
+
 def _post_all(url: str, bodies: list[dict[str, Any]], threads: int) -> tuple[float, list[str]]:
     """In a client process: ``threads`` threads, each with its own keep-alive connection,
-    drain ``bodies``; returns this process's CPU seconds and the failures."""
+    send the bodies the shared counter hands them; returns this process's CPU seconds and
+    the failures."""
     import httpx
 
-    queue: Iterator[dict[str, Any]] = iter(bodies)
-    queue_lock = threading.Lock()
     failures: list[str] = []
 
     def next_body() -> dict[str, Any] | None:
-        with queue_lock:
-            return next(queue, None)
+        with _next_request.get_lock():
+            index = _next_request.value
+            _next_request.value = index + 1
+        return bodies[index] if index < len(bodies) else None
 
     def client_loop() -> None:
         with httpx.Client(base_url=url, timeout=600) as http:

@@ -6,6 +6,7 @@ Each option is also an ini key ``mtserve_<name>`` where that makes sense (``--tp
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from collections.abc import Callable
@@ -20,6 +21,9 @@ if TYPE_CHECKING:
 
 DEMO_CHECKPOINT = "demo"
 DEFAULT_BENCHMARKS = "mmlu,arc_challenge"
+# A GPU forward pass of a batch of 8 scoring requests is bound by Python's kernel launches,
+# not the GPU: batches of 32 served 1.4x the tokens/s on an H200 (docs/performance.md).
+GPU_MAX_BATCH_SIZE, CPU_MAX_BATCH_SIZE = 32, 8
 
 
 def _positive_int(text: str) -> int:
@@ -55,6 +59,14 @@ def _non_negative_float(text: str) -> float:
     if not value >= 0:
         raise ValueError("must be 0 or more")
     return value
+
+
+def _batch_size(text: str) -> int | str:
+    if text == "auto":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError("must be auto or a whole number of at least 1")
+    return int(text)
 
 
 def _device(text: str) -> str:
@@ -135,8 +147,9 @@ OPTIONS = (
     Option("--num-gpus", "GPUs to use; must equal tp x pp (the default).", _positive_int,
             metavar="N"),
     Option("--device", "Where the server runs the model: auto, cuda or cpu.", _device, "auto"),
-    Option("--max-batch-size", "Largest batch the server's dynamic batcher forms.",
-            _positive_int, "8", metavar="N"),
+    Option("--max-batch-size", f"Largest batch the server's dynamic batcher forms (default "
+            f"auto: {GPU_MAX_BATCH_SIZE} on GPUs, {CPU_MAX_BATCH_SIZE} on the CPU).", _batch_size,
+            "auto", metavar="N"),
     Option("--inference-max-seq-length", "Longest prompt plus generation the server accepts, "
             "in tokens.", _positive_int, "4096", metavar="N"),
     Option("--server-port", "Port of the launched server's HTTP API (0: any free port).",
@@ -248,12 +261,25 @@ def read_options(config: pytest.Config) -> MtserveOptions:
             f"--checkpoint {checkpoint}: no such directory; pass a run directory, its "
             f"iter_NNNNNNN folder, or '{DEMO_CHECKPOINT}'"
         )
+    if values["max_batch_size"] == "auto":
+        values["max_batch_size"] = GPU_MAX_BATCH_SIZE if _serves_on_gpu(values["device"]) else CPU_MAX_BATCH_SIZE
     # A client sends its next request only after the answer to its last: with no more
     # requests in flight than one batch holds, the GPU idles for every round trip.
     values["parallelism"] = values["parallelism"] or 2 * values["max_batch_size"]
     return MtserveOptions(
         **values, update_baselines=bool(config.getoption("update_baselines")), rootdir=_project_dir(config)
     )
+
+
+def _serves_on_gpu(device: str) -> bool:
+    """Whether the server will run on GPUs, guessed for ``auto`` without importing torch
+    (the plugin loads in every pytest run): an NVIDIA device node that CUDA_VISIBLE_DEVICES
+    does not hide. A wrong guess only changes the default batch size."""
+    if device != "auto":
+        return device == "cuda"
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "all").strip() in ("", "-1"):
+        return False
+    return any(Path("/dev").glob("nvidia[0-9]*"))
 
 
 _PATH_FLAGS = ("--checkpoint", "--datasets-dir", "--tokenizer", "--baselines-dir", "--mtserve-report")

@@ -96,6 +96,7 @@ def test_benchmark_ids_and_a_benchmark_added_from_conftest(project: pytest.Pytes
     ("args", "message"),
     [
         (["--tp", "0"], "--tp '0': must be at least 1"),
+        (["--max-batch-size", "many"], "--max-batch-size 'many': must be auto or a whole number of at least 1"),
         (["--gate-alpha", "1.5"], "--gate-alpha '1.5': must be between 0 and 1"),
         (["--device", "tpu"], "--device 'tpu': must be auto, cuda or cpu"),
         (["--endpoint", "localhost:8080"], "--endpoint 'localhost:8080': must be an http://"),
@@ -119,11 +120,23 @@ def test_bad_ini_value_names_the_ini_key(pytester: pytest.Pytester) -> None:
 
 
 @pytest.mark.parametrize(
-    ("args", "in_flight"), [([], 16), (["--max-batch-size", "12"], 24), (["--max-batch-size", "12", "--parallelism", "3"], 3)]
+    ("args", "in_flight"),
+    [
+        (["--device", "cpu"], 16),
+        (["--device", "cuda"], 64),
+        (["--max-batch-size", "12"], 24),
+        (["--max-batch-size", "12", "--parallelism", "3"], 3),
+    ],
 )
 def test_requests_in_flight_default_to_two_batches(project: pytest.Pytester, args: list[str], in_flight: int) -> None:
     result = run(project, *CHECKPOINT, "--update-baselines", *args)
     result.stdout.fnmatch_lines([f"*mmlu: fake evaluation, {in_flight} requests in flight*"])
+
+
+def test_auto_batch_size_is_the_cpus_where_no_gpu_is_visible(project: pytest.Pytester) -> None:
+    project._monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # type: ignore[attr-defined]
+    result = run(project, *CHECKPOINT, "--update-baselines")
+    result.stdout.fnmatch_lines(["*mmlu: fake evaluation, 16 requests in flight*"])
 
 
 def test_unknown_benchmark_names_the_known_ones(project: pytest.Pytester) -> None:

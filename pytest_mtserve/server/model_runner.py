@@ -95,10 +95,11 @@ class ModelRunner:
 
     def _right_padded(self, rows: Sequence[Sequence[int]], width: int) -> torch.Tensor:
         """[rows, width] long tensor, each row's values first, then zeros."""
-        padded = torch.zeros(len(rows), width, dtype=torch.long, device=self.device)
+        # Filled on the host and copied once: a copy per row costs a GPU round trip each.
+        padded = torch.zeros(len(rows), width, dtype=torch.long)
         for index, values in enumerate(rows):
-            padded[index, : len(values)] = torch.tensor(values, device=self.device)
-        return padded
+            padded[index, : len(values)] = torch.tensor(values)
+        return padded.to(self.device)
 
     def _causal_mask(self, lengths: torch.Tensor, width: int) -> torch.Tensor:
         """[row, query, key], True where a key is hidden: the future, and each row's padding."""
