@@ -41,7 +41,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from forward_perf import SHAPES  # noqa: E402
 
-from pytest_mtserve.server.options import ATTENTION_BACKENDS  # noqa: E402
+from pytest_mtserve.server.options import ATTENTION_BACKENDS, CUDA_GRAPH_CHOICES  # noqa: E402
 from pytest_mtserve.server.tokenizer import ServerTokenizer, load_tokenizer  # noqa: E402
 
 WORDS = (
@@ -139,7 +139,7 @@ def total_tokens(requests: Sequence[ScoringRequest]) -> int:
 Scorer = Callable[[Sequence[ScoringRequest]], list[list[float | None]]]
 
 
-def direct_scorers(checkpoint: Path, device: str, attention_backend: str, tokenizer: ServerTokenizer) -> dict[str, Scorer]:
+def direct_scorers(checkpoint: Path, args: argparse.Namespace, tokenizer: ServerTokenizer) -> dict[str, Scorer]:
     """Loads the model here (TP1); each scorer runs one engine batch and returns prompt
     log-probs: "direct" as the server's engine runs (shared prefixes packed), "direct,
     unshared" with ``share_prefixes=False``, on the same model."""
@@ -147,7 +147,7 @@ def direct_scorers(checkpoint: Path, device: str, attention_backend: str, tokeni
     from pytest_mtserve.server.local_model import load_model
     from pytest_mtserve.server.work import WorkItem
 
-    local = load_model(checkpoint, device=device, attention_backend=attention_backend)
+    local = load_model(checkpoint, device=args.device, attention_backend=args.attention_backend, cuda_graphs=args.cuda_graphs)
 
     def scorer(share_prefixes: bool) -> Scorer:
         engine = InferenceEngine(
@@ -301,7 +301,7 @@ def start_server_for(checkpoint: Path, log_dir: Path, args: argparse.Namespace):
     from pytest_mtserve.launcher import ServerSettings, server_command, start_server
 
     settings = ServerSettings(checkpoint=checkpoint, device=args.device, max_batch_size=args.max_batch_size, python=args.server_python)
-    command = [*server_command(settings), f"--attention-backend={args.attention_backend}", *args.server_arg]
+    command = [*server_command(settings), f"--attention-backend={args.attention_backend}", f"--cuda-graphs={args.cuda_graphs}", *args.server_arg]
     return start_server(command, log_dir / "server.log", timeout_s=600)
 
 
@@ -318,7 +318,7 @@ def run(args: argparse.Namespace, checkpoint: Path, scratch: Path) -> float:
     server = start_server_for(checkpoint, scratch, args)
     clients = HttpClients(server.url, server.model, args.clients, args.client_processes)
     try:
-        scorers = direct_scorers(checkpoint, args.device, args.attention_backend, tokenizer)
+        scorers = direct_scorers(checkpoint, args, tokenizer)
         for score in scorers.values():
             measure_direct(score, warmup, args.max_batch_size)
         clients.measure(server.pid, warmup)
@@ -409,6 +409,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--shape", choices=sorted(SHAPES), help="serve a random-weight checkpoint of this shape, built on --device")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where both paths run the model (default: cpu)")
     parser.add_argument("--attention-backend", default="unfused", choices=ATTENTION_BACKENDS, help="core attention of both paths (default: unfused)")
+    parser.add_argument("--cuda-graphs", default="auto", choices=CUDA_GRAPH_CHOICES, help="CUDA graphs of both paths, as the server's option (default: auto)")
     parser.add_argument("--server-python", default=sys.executable, help="interpreter of the server (default: this one)")
     parser.add_argument("--peer-python", help="also measure Hugging Face transformers under this interpreter (cuda)")
     parser.add_argument("--requests", type=int, default=384, help="timed requests per round (default: 384)")

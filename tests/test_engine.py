@@ -49,7 +49,7 @@ def assert_close(left: list[float], right: list[float]) -> None:
 
 def count_passes(model, work) -> int:
     passes: list[int] = []
-    handle = model.register_forward_hook(lambda *args: passes.append(1))
+    handle = model.embedding.register_forward_hook(lambda *args: passes.append(1))  # every pass, packed or not
     try:
         work()
     finally:
@@ -136,7 +136,9 @@ def test_choices_sharing_a_context_are_scored_in_one_packed_row_as_they_are_alon
     choices = [context + prompts[1], context + prompts[0][:4], context + prompts[0][5:7], context + prompts[1][:1]]
     items = [WorkItem(choice, max_tokens=1, logprobs=2, echo=True) for choice in choices]
     engine, widths = make_engine(eos_token_ids=set()), []
-    handle = local_model.runner.model.register_forward_pre_hook(lambda module, args: widths.append(args[0].shape))
+    handle = local_model.runner.model.embedding.register_forward_pre_hook(
+        lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape), with_kwargs=True
+    )
     try:
         packed = engine.run(items)
     finally:
@@ -160,7 +162,9 @@ def test_a_one_token_prompt_is_scored_with_nothing_to_score(make_engine, prompts
 def test_prefix_sharing_can_be_turned_off_without_changing_results(make_engine, local_model, prompts) -> None:
     items = [WorkItem(prompts[2] + [token], max_tokens=0, logprobs=1, echo=True) for token in prompts[0][:3]]
     shared, widths = make_engine().run(items), []
-    handle = local_model.runner.model.register_forward_pre_hook(lambda module, args: widths.append(args[0].shape))
+    handle = local_model.runner.model.embedding.register_forward_pre_hook(
+        lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape), with_kwargs=True
+    )
     try:
         apart = make_engine(share_prefixes=False).run(items)
     finally:

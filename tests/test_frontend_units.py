@@ -121,3 +121,18 @@ def test_chat_without_template_is_a_clear_400(tokenizer_dir: Path) -> None:
     response = _call(app, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})
     assert response.status_code == 400
     assert "no chat template" in response.json()["error"]["message"]
+
+
+def test_work_results_cross_the_wire_exactly() -> None:
+    """Every log-prob comes back bit for bit, and None, {} and several alternatives stay apart."""
+    result = WorkResult(
+        output_tokens=[7, 8],
+        finish_reason="stop",
+        prompt_logprobs=[None, -0.1, -1e-300, -float("inf")],
+        prompt_top_logprobs=[None, {3: -0.1}, {4: -1e-300, 131_071: -2.5}, {}],
+        output_logprobs=[-0.30000000000000004, -7.0],
+        output_top_logprobs=[{7: -0.30000000000000004}, {8: -7.0}],
+        stop_string="\n",
+    )
+    assert WorkResult.from_json(result.to_json()) == result
+    assert WorkResult.from_json(WorkResult(output_tokens=[], finish_reason="length").to_json()).prompt_logprobs is None

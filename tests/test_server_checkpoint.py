@@ -128,3 +128,27 @@ def test_front_end_processes_default_to_one_per_four_cores_up_to_four() -> None:
     from pytest_mtserve.server.options import default_frontend_processes
 
     assert [default_frontend_processes(cores) for cores in (None, 1, 2, 7, 8, 16, 128)] == [1, 1, 1, 1, 2, 4, 4]
+
+
+def test_cuda_graphs_default_on_for_one_gpu_and_refuse_the_cpu() -> None:
+    from pytest_mtserve.server.options import parse_server_options, uses_cuda_graphs
+
+    assert [uses_cuda_graphs("auto", device, tp) for device, tp in (("cuda", 1), ("cuda", 2), ("cpu", 1))] == [True, False, False]
+    assert uses_cuda_graphs("on", "cuda", 4) and not uses_cuda_graphs("off", "cuda", 1)
+    with pytest.raises(ValueError, match="--cuda-graphs on needs a CUDA device"):
+        uses_cuda_graphs("on", "cpu", 1)
+    with pytest.raises(SystemExit):
+        parse_server_options(["--checkpoint", "x", "--device", "cpu", "--cuda-graphs", "on"])
+
+
+def test_cuda_graph_shapes_pad_small_passes_and_leave_large_ones_eager() -> None:
+    from pytest_mtserve.server.cuda_graphs import DecoderGraphs
+
+    graphs = DecoderGraphs(torch.nn.Identity(), max_tokens=1714)  # the limit of an 8B model's decoder
+    shapes = graphs.shapes()
+    assert all(rows * width <= 1714 for rows, width in shapes) and shapes[0] == (1, 1536)
+    assert [graphs.padded_shape(*shape) for shape in ((2, 600), (3, 100), (1, 1536), (4, 600), (1, 2000))] == [
+        (2, 768), (4, 128), (1, 1536), (4, 600), (1, 2000)
+    ]  # fmt: skip
+    graphs.enabled = False  # as after a capture ran out of memory
+    assert graphs.padded_shape(2, 600) == (2, 600)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pytest_mtserve.server.distributed import ParallelGroups, init_parallel, resolve_device, shutdown_parallel
 from pytest_mtserve.server.engine import InferenceEngine
-from pytest_mtserve.server.options import ServerOptions
+from pytest_mtserve.server.options import ServerOptions, uses_cuda_graphs
 from pytest_mtserve.server.rank_coordinator import ControlChannel, Leader, follow
 from pytest_mtserve.server.tokenizer import load_tokenizer
 
@@ -48,7 +48,10 @@ def build_rank(options: ServerOptions) -> Rank:
     tokenizer = load_tokenizer(info.tokenizer_dir) if groups.rank == 0 else None
     channel = ControlChannel(groups.control_group, groups.world_size)
     engine = InferenceEngine(
-        ModelRunner(model, info.architecture, groups.device),
+        ModelRunner(
+            model, info.architecture, groups.device,
+            cuda_graphs=uses_cuda_graphs(options.cuda_graphs, groups.device.type, options.tp),
+        ),  # fmt: skip
         is_leader=groups.rank == 0,
         share_tokens=channel.broadcast,
         eos_token_ids={tokenizer.eos_token_id} if tokenizer is not None and tokenizer.eos_token_id is not None else set(),

@@ -14,7 +14,14 @@ import torch
 
 from pytest_mtserve.server.architecture import ModelArchitecture
 from pytest_mtserve.server.batch_split import ForwardCost
-from pytest_mtserve.server.shared_prefix import PREFIX_SEGMENT, Pack
+from pytest_mtserve.server.shared_prefix import PREFIX_SEGMENT, Pack, pack_prompts
+
+# Below this many FLOPs of matrix work a forward pass waits on its kernel launches, and a CUDA
+# graph pays: at 8B on an H200, packed prefills of ~1,300 tokens ran 1.65x faster as graphs,
+# of ~2,300 tokens 0.97x (benchmarks/cuda_graphs.py). Smaller models graph larger passes.
+_LAUNCH_BOUND_FLOPS = 2.4e13
+# Graphs of wider passes would take more start-up and memory than they save.
+_MOST_GRAPHED_TOKENS = 8192
 
 
 @dataclass
@@ -36,11 +43,25 @@ class BatchCache:
 
 
 class ModelRunner:
-    def __init__(self, model, arch: ModelArchitecture, device: torch.device):
+    def __init__(self, model, arch: ModelArchitecture, device: torch.device, *, cuda_graphs: bool = False):
+        """``cuda_graphs``: packed prefills run their decoder as CUDA graphs (see ``cuda_graphs``)."""
         self.model = model
         self.vocab_size = arch.vocab_size
         self.device = device
         self.forward_cost = ForwardCost.for_model(arch, device.type)
+        self.graphs = None
+        if cuda_graphs:
+            self._capture_graphs()
+
+    def _capture_graphs(self) -> None:
+        """DecoderGraphs for the passes that wait on their launches, every shape captured now."""
+        from pytest_mtserve.server.cuda_graphs import DecoderGraphs
+
+        matrix_flops_per_token = 2 * sum(p.numel() for p in self.model.decoder.parameters())
+        max_tokens = min(_MOST_GRAPHED_TOKENS, int(_LAUNCH_BOUND_FLOPS // matrix_flops_per_token))
+        self.graphs = DecoderGraphs(self.model.decoder, max_tokens=max_tokens)
+        for rows, width in self.graphs.shapes():
+            self.prefill_packed(pack_prompts([[0] * width] * rows, share=False))
 
     def new_cache(self, batch_size: int, longest_prompt: int, max_new_tokens: int) -> BatchCache:
         from megatron.core.inference.contexts import StaticInferenceContext
@@ -79,24 +100,49 @@ class ModelRunner:
 
         A member's own tokens see the shared prefix and their own earlier tokens, never
         another member's, and run at their positions in their own prompt."""
-        lengths = torch.tensor([len(p) for p in packs], device=self.device)
-        width = int(lengths.max())
-        tokens = self._right_padded([p.tokens for p in packs], width)
-        positions = self._right_padded([p.positions for p in packs], width)
+        real_rows, real_width = len(packs), max(len(p) for p in packs)
+        rows, width = self._padded_shape(real_rows, real_width)
+        # Rows added to reach a CUDA graph's shape hold one visible token, so that no row of
+        # the mask is all hidden.
+        lengths = torch.tensor([len(p) for p in packs] + [1] * (rows - real_rows), device=self.device)
+        tokens = self._right_padded([p.tokens for p in packs], width, rows)
+        positions = self._right_padded([p.positions for p in packs], width, rows)
         # Padding gets segment 0 == PREFIX_SEGMENT: a padding query sees the prefix, so no row of
         # the mask is all hidden (SDPA would give NaN there); padding keys are hidden anyway.
-        segments = self._right_padded([p.segments for p in packs], width)
+        segments = self._right_padded([p.segments for p in packs], width, rows)
         key_segment, query_segment = segments[:, None, :], segments[:, :, None]
         other_member = (key_segment != PREFIX_SEGMENT) & (key_segment != query_segment)  # [row, query, key]
         mask = (self._causal_mask(lengths, width) | other_member)[:, None]
-        with self._rotary_at(lambda slot_count: positions.T[:slot_count]):
-            logits = self.model(tokens, positions, mask, inference_context=None, runtime_gather_output=True)
-        return logits[..., : self.vocab_size]
+        hidden = self.model.embedding(input_ids=tokens, position_ids=positions)  # [slot, row, hidden]
+        rotary = self._rotary_of_rows(positions)
+        if self.graphs is None:
+            hidden = self.model.decoder(hidden_states=hidden, attention_mask=mask, rotary_pos_emb=rotary)
+        else:
+            hidden = self.graphs(hidden, mask, rotary)
+        return self._output_logits(hidden[:real_width, :real_rows])
 
-    def _right_padded(self, rows: Sequence[Sequence[int]], width: int) -> torch.Tensor:
-        """[rows, width] long tensor, each row's values first, then zeros."""
+    def _padded_shape(self, rows: int, width: int) -> tuple[int, int]:
+        return (rows, width) if self.graphs is None else self.graphs.padded_shape(rows, width)
+
+    def _rotary_of_rows(self, positions: torch.Tensor) -> torch.Tensor | None:
+        """Rotary embeddings [slots, rows, 1, dim] at each row's ``positions`` ([rows, slots])."""
+        rotary = getattr(self.model, "rotary_pos_emb", None)
+        if rotary is None:  # learned absolute positions come from the position ids
+            return None
+        return _by_row(rotary(positions.shape[1]), positions.T)
+
+    def _output_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits [rows, slots, vocab] of the decoder's output [slots, rows, hidden], as
+        GPTModel's last step computes them."""
+        model = self.model
+        weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else None
+        logits, _ = model.output_layer(hidden, weight=weight, runtime_gather_output=True)
+        return logits.transpose(0, 1)[..., : self.vocab_size]
+
+    def _right_padded(self, rows: Sequence[Sequence[int]], width: int, count: int | None = None) -> torch.Tensor:
+        """[count (default: rows), width] long tensor, each row's values first, then zeros."""
         # Filled on the host and copied once: a copy per row costs a GPU round trip each.
-        padded = torch.zeros(len(rows), width, dtype=torch.long)
+        padded = torch.zeros(len(rows) if count is None else count, width, dtype=torch.long)
         for index, values in enumerate(rows):
             padded[index, : len(values)] = torch.tensor(values)
         return padded.to(self.device)
@@ -162,11 +208,16 @@ class ModelRunner:
             yield
             return
 
-        def per_row(module, args, by_slot: torch.Tensor) -> torch.Tensor:  # [slots, 1, 1, dim]
-            return by_slot[:, 0, 0][positions_for(by_slot.shape[0])][:, :, None]  # [slots, rows, 1, dim]
+        def per_row(module, args, by_slot: torch.Tensor) -> torch.Tensor:
+            return _by_row(by_slot, positions_for(by_slot.shape[0]))
 
         handle = rotary.register_forward_hook(per_row)
         try:
             yield
         finally:
             handle.remove()
+
+
+def _by_row(by_slot: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Megatron's rotary embedding [slots, 1, 1, dim] at ``positions`` [slots, rows]: [slots, rows, 1, dim]."""
+    return by_slot[:, 0, 0][positions][:, :, None]

@@ -12,6 +12,7 @@ from pathlib import Path
 # Core attention of the local spec: Megatron's unfused softmax(QK^T)V, or torch's fused
 # scaled_dot_product_attention (see sdpa_attention.py).
 ATTENTION_BACKENDS = ("unfused", "sdpa")
+CUDA_GRAPH_CHOICES = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class ServerOptions:
     queue_delay_us: int
     request_timeout: float
     frontend_processes: int = 0  # 0: default_frontend_processes()
+    cuda_graphs: str = "auto"  # see uses_cuda_graphs()
 
     @property
     def world_size(self) -> int:
@@ -64,6 +66,10 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
                         help="core attention: Megatron's unfused softmax(QK^T)V, or torch's fused "
                              "scaled_dot_product_attention (sdpa; experimental on GPUs, see "
                              "docs/performance.md) (default: unfused)")
+    parser.add_argument("--cuda-graphs", choices=CUDA_GRAPH_CHOICES, default="auto",
+                        help="run log-likelihood prefills as CUDA graphs, replayed per padded shape "
+                             "instead of launching every kernel from Python; auto is on with CUDA "
+                             "at --tp 1 (default: auto)")
     parser.add_argument("--queue-delay-us", type=int, default=2000,
                         help="how long Triton waits to fill a batch, in microseconds (default: 2000)")
     parser.add_argument("--request-timeout", type=float, default=600.0,
@@ -84,6 +90,8 @@ def options_from_namespace(args: argparse.Namespace, parser: argparse.ArgumentPa
     for name in ("tp", "pp", "max_batch_size", "inference_max_seq_length"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.cuda_graphs == "on" and args.device == "cpu":
+        parser.error("--cuda-graphs on needs a CUDA device: use --cuda-graphs auto or off with --device cpu")
     if args.frontend_processes < 0:
         parser.error("--frontend-processes must be 0 (one per 4 CPU cores) or more")
     for name in ("port", "triton_port"):
@@ -102,7 +110,7 @@ def to_argv(options: ServerOptions) -> list[str]:
         "--model-name", options.model_name, "--device", options.device, "--dtype", options.dtype,
         "--attention-backend", options.attention_backend,
         "--queue-delay-us", str(options.queue_delay_us), "--request-timeout", str(options.request_timeout),
-        "--frontend-processes", str(options.frontend_processes),
+        "--frontend-processes", str(options.frontend_processes), "--cuda-graphs", options.cuda_graphs,
     ]
 
 
@@ -110,3 +118,13 @@ def default_frontend_processes(cpu_count: int | None) -> int:
     """One front end process per 4 CPU cores, 1 to 4: on a small machine they would take the
     cores the engine and the evaluation need; beyond 4 the engine is the limit."""
     return max(1, min(4, (cpu_count or 1) // 4))
+
+
+def uses_cuda_graphs(choice: str, device_type: str, tp: int) -> bool:
+    """Whether ``--cuda-graphs choice`` turns CUDA graphs on. ``auto`` leaves them off at TP > 1,
+    where graphs that record NCCL collectives have not been measured yet."""
+    if choice == "auto":
+        return device_type == "cuda" and tp == 1
+    if choice == "on" and device_type != "cuda":
+        raise ValueError("--cuda-graphs on needs a CUDA device: use --cuda-graphs auto or off on the CPU")
+    return choice == "on"

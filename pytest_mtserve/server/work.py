@@ -1,13 +1,15 @@
 """The unit of work that travels from the HTTP front end through Triton to every rank.
 
 A request is fully described by token ids and sampling parameters (the front end owns the
-tokenizer for prompts); a result carries per-row variable-length data as plain lists, so
+tokenizer for prompts); a result carries per-row variable-length data as plain lists (arrays on the wire), so
 nothing in it can be padding from another row of the same batch.
 """
 
 from __future__ import annotations
 
+import base64
 import json
+from array import array
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -72,24 +74,73 @@ class WorkResult:
     stop_string: str | None = None
 
     def to_json(self) -> str:
-        return json.dumps(_with_str_keys(dict(vars(self))), separators=(",", ":"))
+        data = dict(vars(self))
+        for key in _LOGPROB_LISTS:
+            data[key] = _packed_logprobs(data[key])
+        for key in _TOP_LOGPROB_LISTS:
+            data[key] = _packed_top_logprobs(data[key])
+        return json.dumps(data, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str | bytes) -> WorkResult:
         data = json.loads(text)
-        for key in ("prompt_top_logprobs", "output_top_logprobs"):
-            if data.get(key) is not None:
-                data[key] = [_int_keys(entry) for entry in data[key]]
+        for key in _LOGPROB_LISTS:
+            data[key] = _unpacked_logprobs(data[key])
+        for key in _TOP_LOGPROB_LISTS:
+            data[key] = _unpacked_top_logprobs(data[key])
         return cls(**data)
 
 
-def _with_str_keys(data: dict[str, Any]) -> dict[str, Any]:
-    # JSON object keys are strings; keep token ids readable on the wire.
-    for key in ("prompt_top_logprobs", "output_top_logprobs"):
-        if data.get(key) is not None:
-            data[key] = [None if e is None else {str(k): v for k, v in e.items()} for e in data[key]]
-    return data
+# Log-probs travel as base64 of float64 and int32 arrays inside the JSON: as JSON numbers, with
+# a dict per prompt token, encoding took ~1 ms per request of ~275 tokens on rank 0, beside the
+# engine, and decoding ~0.75 ms in the front end; as arrays, a quarter of that. float64 keeps
+# every value exactly. Native byte order: rank 0 and its front ends share one host.
+_LOGPROB_LISTS = ("prompt_logprobs", "output_logprobs")
+_TOP_LOGPROB_LISTS = ("prompt_top_logprobs", "output_top_logprobs")
 
 
-def _int_keys(entry: dict[str, float] | None) -> TopLogprobs | None:
-    return None if entry is None else {int(k): v for k, v in entry.items()}
+def _packed_logprobs(values: list[float | None] | None) -> dict[str, Any] | None:
+    if values is None:
+        return None
+    missing = [index for index, value in enumerate(values) if value is None]
+    if missing:
+        values = [0.0 if value is None else value for value in values]
+    return {"values": _encoded(array("d", values)), "missing": missing}
+
+
+def _unpacked_logprobs(packed: dict[str, Any] | None) -> list[float | None] | None:
+    if packed is None:
+        return None
+    values: list[float | None] = _decoded("d", packed["values"])
+    for index in packed["missing"]:
+        values[index] = None
+    return values
+
+
+def _packed_top_logprobs(entries: list[TopLogprobs | None] | None) -> dict[str, str] | None:
+    if entries is None:
+        return None
+    counts, token_ids, values = array("i"), array("i"), array("d")
+    for entry in entries:
+        if entry is None:
+            counts.append(-1)
+        else:
+            counts.append(len(entry))
+            token_ids.extend(entry)
+            values.extend(entry.values())
+    return {"counts": _encoded(counts), "token_ids": _encoded(token_ids), "values": _encoded(values)}
+
+
+def _unpacked_top_logprobs(packed: dict[str, str] | None) -> list[TopLogprobs | None] | None:
+    if packed is None:
+        return None
+    token_ids, values = iter(_decoded("i", packed["token_ids"])), iter(_decoded("d", packed["values"]))
+    return [None if count < 0 else {next(token_ids): next(values) for _ in range(count)} for count in _decoded("i", packed["counts"])]
+
+
+def _encoded(values: array) -> str:
+    return base64.b64encode(values.tobytes()).decode("ascii")
+
+
+def _decoded(typecode: str, text: str) -> list:
+    return array(typecode, base64.b64decode(text)).tolist()
