@@ -15,7 +15,7 @@ from pytest_mtserve.server.openai_api import FrontEndServer, create_app
 from pytest_mtserve.server.ports import PortInUseError, ensure_port_free, pick_free_port
 from pytest_mtserve.server.tiny_tokenizer import build_tiny_tokenizer
 from pytest_mtserve.server.tokenizer import load_tokenizer
-from pytest_mtserve.server.triton_binding import TritonEngineServer
+from pytest_mtserve.server.triton_binding import RESPONSE_OUTPUT, TritonEngineServer, TritonInferenceError, _work_result
 from pytest_mtserve.server.work import WorkItem, WorkResult
 
 
@@ -136,3 +136,13 @@ def test_work_results_cross_the_wire_exactly() -> None:
     )
     assert WorkResult.from_json(result.to_json()) == result
     assert WorkResult.from_json(WorkResult(output_tokens=[], finish_reason="length").to_json()).prompt_logprobs is None
+
+
+def test_a_failed_batch_reaches_the_front_end_as_its_error() -> None:
+    def body(row: str) -> dict:
+        return {"outputs": [{"name": RESPONSE_OUTPUT, "data": [row]}]}
+
+    with pytest.raises(TritonInferenceError, match="the engine failed: CUDA out of memory"):
+        _work_result(body('{"error": "the engine failed: CUDA out of memory"}'))
+    result = WorkResult(output_tokens=[1], finish_reason="length", output_logprobs=[-0.5])
+    assert _work_result(body(result.to_json())) == result

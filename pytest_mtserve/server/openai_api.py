@@ -12,7 +12,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -119,10 +119,16 @@ class _TokenTexts:
         return self._tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
     def pieces(self, token_ids: Sequence[int]) -> list[str]:
-        missing = [token_id for token_id in set(token_ids) if token_id not in self._pieces]
+        known = self.known(token_ids)
+        return [known[token_id] for token_id in token_ids]
+
+    def known(self, token_ids: Iterable[int]) -> dict[int, str]:
+        """Token id -> text, holding at least every id of ``token_ids``."""
+        missing = {token_id for token_id in token_ids if token_id not in self._pieces}
         if missing:
-            self._pieces.update(zip(missing, self._tokenizer.decode_each(missing)))
-        return [self._pieces[token_id] for token_id in token_ids]
+            missing_ids = list(missing)
+            self._pieces.update(zip(missing_ids, self._tokenizer.decode_each(missing_ids)))
+        return self._pieces
 
 
 def create_app(
@@ -390,16 +396,16 @@ def _completion_logprobs(prompt: Prompt, result: WorkResult, texts: _TokenTexts,
             f"the engine returned log-probs for {len(token_logprobs)} of {len(token_ids)} tokens", status=500
         )
     pieces = texts.pieces(token_ids)
+    # One lookup for all alternatives: a call per prompt token was the front end's largest cost.
+    text_of = texts.known(token_id for entry in top if entry for token_id in entry)
     return CompletionLogProbs(
         tokens=pieces,
         token_logprobs=token_logprobs,
-        top_logprobs=[None if entry is None else _named_top_logprobs(entry, texts) for entry in top],
+        top_logprobs=[
+            None if entry is None else {text_of[token_id]: value for token_id, value in entry.items()} for entry in top
+        ],
         text_offset=_text_offsets(pieces),
     )
-
-
-def _named_top_logprobs(entry: dict[int, float], texts: _TokenTexts) -> dict[str, float]:
-    return dict(zip(texts.pieces(list(entry)), entry.values()))
 
 
 def _text_offsets(pieces: list[str]) -> list[int]:

@@ -227,10 +227,10 @@ class TritonClient:
 def _work_result(body: dict[str, Any]) -> WorkResult:
     (output,) = (o for o in body["outputs"] if o["name"] == RESPONSE_OUTPUT)
     (row,) = output["data"]
-    error = json.loads(row).get(ERROR_KEY)
-    if error is not None:
-        raise TritonInferenceError(error)
-    return WorkResult.from_json(row)
+    data = json.loads(row)
+    if ERROR_KEY in data:
+        raise TritonInferenceError(data[ERROR_KEY])
+    return WorkResult.from_dict(data)
 
 
 def _error_text(response: httpx.Response) -> str:

@@ -83,7 +83,11 @@ class WorkResult:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> WorkResult:
-        data = json.loads(text)
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> WorkResult:
+        """From ``json.loads(to_json())``; ``data`` is consumed."""
         for key in _LOGPROB_LISTS:
             data[key] = _unpacked_logprobs(data[key])
         for key in _TOP_LOGPROB_LISTS:
