@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 
-from pytest_mtserve.server.options import ServerOptions, default_frontend_processes, parse_server_options
+from pytest_mtserve.server.options import ServerOptions, default_frontend_processes, parse_server_options, uses_cuda_graphs
 
 READY_PREFIX = "MTSERVE_READY "
 WATCH_PID_VARIABLE = "MTSERVE_WATCH_PID"  # stop when this process is gone
@@ -58,6 +58,7 @@ def _check_input(options: ServerOptions) -> None:
 
     try:
         device = resolve_device(options.device)
+        uses_cuda_graphs(options.cuda_graphs, device.type, options.tp)  # --cuda-graphs on needs CUDA
     except (RuntimeError, ValueError) as error:
         raise ServerInputError(str(error)) from None
     if device.type == "cuda":

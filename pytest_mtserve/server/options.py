@@ -90,8 +90,6 @@ def options_from_namespace(args: argparse.Namespace, parser: argparse.ArgumentPa
     for name in ("tp", "pp", "max_batch_size", "inference_max_seq_length"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.cuda_graphs == "on" and args.device == "cpu":
-        parser.error("--cuda-graphs on needs a CUDA device: use --cuda-graphs auto or off with --device cpu")
     if args.frontend_processes < 0:
         parser.error("--frontend-processes must be 0 (one per 4 CPU cores) or more")
     for name in ("port", "triton_port"):

@@ -1,8 +1,8 @@
 """The unit of work that travels from the HTTP front end through Triton to every rank.
 
 A request is fully described by token ids and sampling parameters (the front end owns the
-tokenizer for prompts); a result carries per-row variable-length data as plain lists (arrays on the wire), so
-nothing in it can be padding from another row of the same batch.
+tokenizer for prompts); a result carries per-row variable-length data as plain lists (as
+arrays on the wire), so nothing in it can be padding from another row of the same batch.
 """
 
 from __future__ import annotations
