@@ -11,9 +11,10 @@
 #   served  served vs direct vs Hugging Face on an MMLU-shaped stream, Llama-3-8B shape
 #           (serving_overhead.py)
 # STEPS: comma-separated, run in that order (default: all four). SERVED_ARGS: extra options
-# of the served step, e.g. --attention-backend=sdpa; SERVED_CLIENTS: its concurrent clients
-# (default 16, the plugin's default --parallelism for batches of 8), spread over
-# SERVED_CLIENT_PROCESSES processes (default 4). DATASETS: a folder holding allenai/ai2_arc
+# of the served step, e.g. --attention-backend=sdpa or --max-batch-size 8 (default 32, the
+# plugin's on GPUs); SERVED_CLIENTS: its concurrent clients (default 64, the plugin's requests
+# in flight for batches of 32), spread over SERVED_CLIENT_PROCESSES asyncio processes (default 1,
+# as lm-eval's client). DATASETS: a folder holding allenai/ai2_arc
 # and hails/mmlu_no_train (the demo cache's datasets/). Logs and JSON go to $OUT.
 set -uo pipefail
 ngpu="${1:?usage: gpu_suite.sh NGPU [BUNDLE.tar.xz] [STEPS]}"
@@ -61,8 +62,8 @@ for name in ${steps//,/ }; do
     forward) step forward 300 bash -c "'$server_python' benchmarks/forward_perf.py --engines megatron-unfused,megatron-sdpa --out '$out/forward_megatron.json' ${PERF_MODELS:+--models $PERF_MODELS} &&
         python3 benchmarks/forward_perf.py --engines hf-transformers --out '$out/forward_hf.json' ${PERF_MODELS:+--models $PERF_MODELS}" ;;
     served) step served 420 "$server_python" benchmarks/serving_overhead.py --device cuda --shape llama3-8b --peer-python python3 \
-        --requests "${SERVED_REQUESTS:-256}" --rounds 2 --clients "${SERVED_CLIENTS:-16}" --client-processes "${SERVED_CLIENT_PROCESSES:-4}" \
-        --max-batch-size 8 ${SERVED_ARGS:-} ;;
+        --requests "${SERVED_REQUESTS:-256}" --rounds 2 --clients "${SERVED_CLIENTS:-64}" --client-processes "${SERVED_CLIENT_PROCESSES:-1}" \
+        --max-batch-size 32 ${SERVED_ARGS:-} ;;
     *) echo "unknown step $name: use check, gate, forward, served" >&2; exit 2 ;;
     esac
 done

@@ -31,7 +31,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -185,12 +184,15 @@ def measure_direct(score: Callable, requests: Sequence[ScoringRequest], batch_si
 
 
 class HttpClients:
-    """``clients`` concurrent keep-alive HTTP clients, as threads spread over
-    ``processes`` processes: one Python process parsing 16 streams of echoed log-probs runs
-    out of GIL before a fast server runs out of work. The threads of all processes take
-    requests from one shared counter, so requests leave in stream order as answers free
-    the clients, as lm-eval's client sends them (its tasks wait on one semaphore in
-    order): a question's choices, neighbours in the stream, reach the server together."""
+    """``clients`` concurrent keep-alive HTTP clients, spread over ``processes`` processes,
+    each process one asyncio loop on aiohttp that parses every response's JSON: lm-eval's
+    API client (``num_concurrent`` tasks on one ``aiohttp`` session). The clients of all
+    processes take requests from one shared counter, so requests leave in stream order as
+    answers free the clients, as lm-eval's client sends them (its tasks wait on one
+    semaphore in order): a question's choices, neighbours in the stream, reach the server
+    together. (Before, each client was a thread with an ``httpx.Client``: pure-Python HTTP
+    and threads fighting over one GIL took 74-81 ms of CPU per 1k tokens on a 16-core GPU
+    host, 25x these clients, for the same served throughput: docs/performance.md.)"""
 
     def __init__(self, url: str, model: str, clients: int, processes: int) -> None:
         from concurrent.futures import ProcessPoolExecutor
@@ -198,7 +200,7 @@ class HttpClients:
 
         if clients % processes:
             raise SystemExit(f"--clients ({clients}) must be a multiple of --client-processes ({processes})")
-        self.url, self.model, self.processes, self.threads = url, model, processes, clients // processes
+        self.url, self.model, self.processes, self.clients_per_process = url, model, processes, clients // processes
         # spawn: the parent holds CUDA and the engine's threads, which fork does not survive.
         context = get_context("spawn")
         self._next_request = context.Value("q", 0)
@@ -211,7 +213,9 @@ class HttpClients:
         self._next_request.value = 0
         server_cpu_started = server_cpu_by_role(server_pid)
         started = time.perf_counter()
-        outcomes = list(self._pool.map(_post_all, [self.url] * self.processes, [bodies] * self.processes, [self.threads] * self.processes))
+        outcomes = list(
+            self._pool.map(_post_all, [self.url] * self.processes, [bodies] * self.processes, [self.clients_per_process] * self.processes)
+        )
         elapsed = time.perf_counter() - started
         failures = [failure for _, process_failures in outcomes for failure in process_failures]
         if failures:
@@ -233,11 +237,12 @@ def _share_counter(counter: Any) -> None:
     _next_request = counter
 
 
-def _post_all(url: str, bodies: list[dict[str, Any]], threads: int) -> tuple[float, list[str]]:
-    """In a client process: ``threads`` threads, each with its own keep-alive connection,
-    send the bodies the shared counter hands them; returns this process's CPU seconds and
-    the failures."""
-    import httpx
+def _post_all(url: str, bodies: list[dict[str, Any]], clients: int) -> tuple[float, list[str]]:
+    """In a client process: ``clients`` concurrent requests over one aiohttp session send the
+    bodies the shared counter hands them; returns this process's CPU seconds and the failures."""
+    import asyncio
+
+    import aiohttp
 
     failures: list[str] = []
 
@@ -247,35 +252,38 @@ def _post_all(url: str, bodies: list[dict[str, Any]], threads: int) -> tuple[flo
             _next_request.value = index + 1
         return bodies[index] if index < len(bodies) else None
 
-    def client_loop() -> None:
-        with httpx.Client(base_url=url, timeout=600) as http:
-            while (body := next_body()) is not None and not failures:
-                response = http.post("/v1/completions", json=body)
-                if response.status_code != 200:
-                    failures.append(f"HTTP {response.status_code}: {response.text[:300]}")
+    async def client_loop(session: aiohttp.ClientSession) -> None:
+        while (body := next_body()) is not None and not failures:
+            async with session.post(f"{url}/v1/completions", json=body) as response:
+                if response.status != 200:
+                    failures.append(f"HTTP {response.status}: {(await response.text())[:300]}")
+                else:
+                    await response.json()
+
+    async def send_all() -> None:
+        connector = aiohttp.TCPConnector(limit=clients)
+        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as session:
+            await asyncio.gather(*(client_loop(session) for _ in range(clients)))
 
     cpu_started = time.process_time()
-    workers = [threading.Thread(target=client_loop) for _ in range(threads)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
+    asyncio.run(send_all())
     return time.process_time() - cpu_started, failures
 
 
 def server_cpu_by_role(server_pid: int) -> dict[str, float]:
-    """CPU seconds so far of the server's process (front end, Triton callable, engine) and of
-    tritonserver with its Python backend stub."""
+    """CPU seconds so far of the server's processes by role: the HTTP front ends, the engine's
+    ranks (Triton callable and engine; the launching process too) and tritonserver with its
+    Python backend stub."""
     import psutil
 
     root = psutil.Process(server_pid)
-    totals = {"server process": 0.0, "tritonserver + stub": 0.0}
+    totals = {"front ends": 0.0, "engine ranks": 0.0, "tritonserver + stub": 0.0}
     for process in [root, *root.children(recursive=True)]:
         try:
-            times, name = process.cpu_times(), process.name()
+            times, name, command = process.cpu_times(), process.name(), " ".join(process.cmdline())
         except psutil.NoSuchProcess:
             continue
-        role = "tritonserver + stub" if "triton" in name else "server process"
+        role = "tritonserver + stub" if "triton" in name else "front ends" if "frontend_process" in command else "engine ranks"
         totals[role] += times.user + times.system
     return totals
 
@@ -415,7 +423,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=384, help="timed requests per round (default: 384)")
     parser.add_argument("--rounds", type=int, default=2, help="direct/served measurement rounds (default: 2)")
     parser.add_argument("--clients", type=int, default=16, help="concurrent HTTP clients (default: 16)")
-    parser.add_argument("--client-processes", type=int, default=1, help="processes the clients' threads are spread over (default: 1)")
+    parser.add_argument("--client-processes", type=int, default=1, help="processes the clients are spread over, one asyncio loop each (default: 1)")
     parser.add_argument("--max-batch-size", type=int, default=8, help="server and direct batch size (default: 8)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the request stream (default: 0)")
     parser.add_argument("--stream", default="mmlu", choices=STREAMS, help="continuations: letters (mmlu, default) or choice texts (arc)")

@@ -27,7 +27,8 @@ import zipfile
 from pathlib import Path
 
 # The server's runtime beyond what a CUDA PyTorch image ships (torch, transformers,
-# tokenizers, safetensors, httpx, anyio, h11, psutil, tqdm, pyyaml, grpcio, protobuf, ...).
+# tokenizers, safetensors, httpx, anyio, h11, psutil, tqdm, pyyaml, grpcio, protobuf, aiohttp
+# and its multidict/yarl/frozenlist, uvloop, ...; install.sh checks the ones the server imports).
 SERVER_REQUIREMENTS = (
     "megatron-core==0.16.1",
     "nvidia-pytriton==0.7.0",
@@ -46,6 +47,7 @@ SERVER_REQUIREMENTS = (
     "fastapi==0.165.0",
     "starlette==1.10.0",
     "uvicorn==0.54.0",
+    "httptools==0.9.0",  # uvicorn's C HTTP parser, used when installed
     "pydantic==2.14.4",
     "pydantic-core==2.50.5",
     "annotated-types==0.8.0",
@@ -216,7 +218,13 @@ pip_install=(-m pip install --no-index --no-deps --no-compile --force-reinstall 
 "$python" "${pip_install[@]}" "$here"/wheels/*.whl
 
 "$python" - <<'EOF'
-import sysconfig, torch, numpy, pytriton, zmq, fastapi, opentelemetry, megatron.core
+import importlib.util, sys
+expected_from_image = ("torch", "aiohttp", "tokenizers", "jinja2", "safetensors", "httpx", "psutil")
+missing = [name for name in expected_from_image if importlib.util.find_spec(name) is None]
+if missing:
+    sys.exit(f"mtserve bundle: error: this environment lacks {', '.join(missing)}, which the bundle leaves to the "
+             "image; install them (pip download them as wheels where there is a network) and run install.sh again")
+import sysconfig, torch, numpy, pytriton, zmq, fastapi, opentelemetry, megatron.core, aiohttp, httptools
 assert numpy.__version__.startswith("1."), f"numpy {numpy.__version__}: pytriton needs numpy<2"
 print(f"mtserve bundle: installed into {sysconfig.get_paths()['purelib']}")
 print(f"mtserve bundle: torch {torch.__version__}, numpy {numpy.__version__}, megatron-core {megatron.core.__version__}, fastapi {fastapi.__version__}")

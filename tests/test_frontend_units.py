@@ -15,7 +15,14 @@ from pytest_mtserve.server.openai_api import FrontEndServer, create_app
 from pytest_mtserve.server.ports import PortInUseError, ensure_port_free, pick_free_port
 from pytest_mtserve.server.tiny_tokenizer import build_tiny_tokenizer
 from pytest_mtserve.server.tokenizer import load_tokenizer
-from pytest_mtserve.server.triton_binding import RESPONSE_OUTPUT, TritonEngineServer, TritonInferenceError, _work_result
+from pytest_mtserve.server.triton_binding import (
+    RESPONSE_OUTPUT,
+    TritonClient,
+    TritonEngineServer,
+    TritonInferenceError,
+    TritonUnavailableError,
+    _work_result,
+)
 from pytest_mtserve.server.work import WorkItem, WorkResult
 
 
@@ -146,3 +153,30 @@ def test_a_failed_batch_reaches_the_front_end_as_its_error() -> None:
         _work_result(body('{"error": "the engine failed: CUDA out of memory"}'))
     result = WorkResult(output_tokens=[1], finish_reason="length", output_logprobs=[-0.5])
     assert _work_result(body(result.to_json())) == result
+
+
+def _infer_error(client: TritonClient) -> tuple[bool, str]:
+    async def call() -> tuple[bool, str]:
+        try:
+            ready = await client.ready()
+            with pytest.raises(TritonUnavailableError) as error:
+                await client.infer([WorkItem(prompt_tokens=[1, 2], max_tokens=1)])
+            return ready, str(error.value)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(call())
+
+
+def test_triton_out_of_reach_is_an_unavailable_error_naming_its_url() -> None:
+    url = f"http://127.0.0.1:{pick_free_port('127.0.0.1')}"
+    ready, message = _infer_error(TritonClient(url, "mtserve_engine", timeout_s=5))
+    assert not ready
+    assert f"cannot reach Triton at {url}" in message
+
+
+def test_triton_that_never_answers_times_out_naming_the_option(listener: int) -> None:
+    url = f"http://127.0.0.1:{listener}"  # accepts connections, never answers
+    ready, message = _infer_error(TritonClient(url, "mtserve_engine", timeout_s=0.5))
+    assert not ready
+    assert message == f"Triton at {url} did not answer within 0.5 s (the server's --request-timeout)"
