@@ -40,6 +40,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from forward_perf import SHAPES  # noqa: E402
 
+from pytest_mtserve.server.batch_log import BatchTimes, parse_batch_lines  # noqa: E402
 from pytest_mtserve.server.options import ATTENTION_BACKENDS, CUDA_GRAPH_CHOICES  # noqa: E402
 from pytest_mtserve.server.tokenizer import ServerTokenizer, load_tokenizer  # noqa: E402
 
@@ -309,7 +310,8 @@ def start_server_for(checkpoint: Path, log_dir: Path, args: argparse.Namespace):
     from pytest_mtserve.launcher import ServerSettings, server_command, start_server
 
     settings = ServerSettings(checkpoint=checkpoint, device=args.device, max_batch_size=args.max_batch_size, python=args.server_python)
-    command = [*server_command(settings), f"--attention-backend={args.attention_backend}", f"--cuda-graphs={args.cuda_graphs}", *args.server_arg]
+    command = [*server_command(settings), f"--attention-backend={args.attention_backend}", f"--cuda-graphs={args.cuda_graphs}",
+               "--log-batches", *args.server_arg]  # fmt: skip
     return start_server(command, log_dir / "server.log", timeout_s=600)
 
 
@@ -342,16 +344,37 @@ def run(args: argparse.Namespace, checkpoint: Path, scratch: Path) -> float:
         print(f"served vs direct log-probs: largest difference {difference:.2e} over {CORRECTNESS_SAMPLE} requests; "
               f"packed vs unshared batch of {CORRECTNESS_SAMPLE}: {packed_difference:.2e}")  # fmt: skip
         runs: dict[str, list[Throughput]] = {name: [] for name in [*scorers, "served"]}
+        served_rounds: list[tuple[float, float]] = []  # time.monotonic(), the clock of the server's batch log
         for round_index in range(args.rounds):  # interleaved, so drift on a shared machine hits all alike
             for name, score in scorers.items():
                 runs[name].append(measure_direct(score, timed, args.max_batch_size))
             with profiled_round(args, server.pid, round_index):
+                started = time.monotonic()
                 runs["served"].append(clients.measure(server.pid, timed))
+                served_rounds.append((started, time.monotonic()))
     finally:
         clients.close()
         server.stop()
+    batches = parse_batch_lines(server.log_path.read_text(errors="replace").splitlines())
+    for round_index, (started, ended) in enumerate(served_rounds):
+        print(f"served round {round_index + 1}, the server's batches: {summarize_batches(batches, started, ended, args.max_batch_size)}")
     peer = run_peer(args, checkpoint, scratch) if args.peer_python else None
     return report(runs, peer, args)
+
+
+def summarize_batches(batches: Sequence[BatchTimes], started: float, ended: float, max_batch_size: int) -> str:
+    """How full the batches that left the engine between ``started`` and ``ended`` were, and
+    where their time went (the server's ``--log-batches`` lines)."""
+    inside = [batch for batch in batches if started <= batch.left <= ended]
+    if not inside:
+        return "none logged"
+    count = len(inside)
+    engine_ms = sum(batch.engine_ms for batch in inside)
+    around_ms = sum(batch.callable_ms for batch in inside) - engine_ms
+    idle = [batch.idle_ms for batch in inside[1:] if batch.idle_ms is not None]  # the first one's began before the round
+    return (f"{count}, {sum(batch.requests for batch in inside) / count:.1f} requests on average (at most {max_batch_size}); "
+            f"per batch: engine {engine_ms / count:.1f} ms, the callable around it {around_ms / count:.1f} ms, idle before it "
+            f"{statistics.fmean(idle) if idle else 0.0:.1f} ms; engine busy {engine_ms / (10 * (ended - started)):.0f} % of the round")  # fmt: skip
 
 
 @contextlib.contextmanager

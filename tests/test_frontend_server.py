@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import glob
+import io
 import os
 import socket
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ import httpx
 import psutil
 import pytest
 
+from pytest_mtserve.server.batch_log import BatchLog, parse_batch_lines
 from pytest_mtserve.server.openai_api import FrontEndServer, create_app
 from pytest_mtserve.server.tokenizer import ServerTokenizer
 from pytest_mtserve.server.triton_binding import TritonClient, TritonEngineServer
@@ -86,7 +88,10 @@ class Stack:
 
     def __init__(self, tokenizer: ServerTokenizer) -> None:
         self.engine = FakeEngine(tokenizer)
-        self.triton = TritonEngineServer(self.engine, max_batch_size=8, queue_delay_us=50_000)
+        self.batch_log = io.StringIO()
+        self.triton = TritonEngineServer(
+            self.engine, max_batch_size=8, queue_delay_us=50_000, batch_log=BatchLog(self.batch_log)
+        )
         self.triton.start()
         client = TritonClient(self.triton.url, self.triton.triton_model_name, timeout_s=30)
         app = create_app(model_name=MODEL, tokenizer=tokenizer, max_seq_length=MAX_SEQ_LENGTH, client=client)
@@ -216,6 +221,23 @@ def test_rows_of_different_lengths_in_one_batch_keep_their_own_values(stack: Sta
     for prompt, response in zip(prompts, responses):
         all_ids = prompt + fake_generation(prompt, 2)
         assert response.json()["choices"][0]["logprobs"]["token_logprobs"] == expected_prompt_logprobs(all_ids)
+
+
+def test_the_batch_log_has_a_line_per_batch_with_its_requests(stack: Stack) -> None:
+    batches_before = len(stack.engine.batch_sizes)
+    lines_before = len(parse_batch_lines(stack.batch_log.getvalue().splitlines()))
+
+    async def send_all() -> None:
+        async with httpx.AsyncClient(base_url=stack.url, timeout=30) as client:
+            body = {"max_tokens": 1, "logprobs": 1, "echo": True}
+            await asyncio.gather(*(client.post("/v1/completions", json={**body, "prompt": [10, 11 + i]}) for i in range(6)))
+
+    asyncio.run(send_all())
+    logged = parse_batch_lines(stack.batch_log.getvalue().splitlines())[lines_before:]
+    assert [batch.requests for batch in logged] == stack.engine.batch_sizes[batches_before:]
+    assert sum(batch.requests for batch in logged) == 6
+    assert all(0 <= batch.engine_ms <= batch.callable_ms and batch.idle_ms is not None for batch in logged)
+    assert [batch.left for batch in logged] == sorted(batch.left for batch in logged)
 
 
 @pytest.mark.parametrize("tokenized_requests", [False, True], ids=["string-prompts", "token-prompts"])

@@ -92,6 +92,7 @@ def _serve_rank(options: ServerOptions) -> int:
 def _lead(rank, options: ServerOptions) -> None:
     from pytest_mtserve.server.frontend_process import FrontEndError, FrontEndProcesses, FrontEndSettings
     from pytest_mtserve.server.process_life import stop_requested_on_signals
+    from pytest_mtserve.server.batch_log import BatchLog
     from pytest_mtserve.server.triton_binding import TritonEngineServer
 
     stop_requested = stop_requested_on_signals()
@@ -100,6 +101,7 @@ def _lead(rank, options: ServerOptions) -> None:
         max_batch_size=options.max_batch_size,
         queue_delay_us=options.queue_delay_us,
         http_port=options.triton_port,
+        batch_log=BatchLog() if options.log_batches else None,
     )
     frontend = None
     try:

@@ -33,6 +33,7 @@ class ServerOptions:
     request_timeout: float
     frontend_processes: int = 0  # 0: default_frontend_processes()
     cuda_graphs: str = "auto"  # see uses_cuda_graphs()
+    log_batches: bool = False
 
     @property
     def world_size(self) -> int:
@@ -78,6 +79,10 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
                         help="HTTP front end processes sharing the port: parsing, tokenizing and "
                              "building responses take a core each; 0 picks one per 4 CPU cores, "
                              "at most 4 (default: 0)")
+    parser.add_argument("--log-batches", action="store_true",
+                        help="print a line per batch to stderr: its requests, the engine's and the "
+                             "Triton callable's milliseconds and the idle time before it, to tune "
+                             "--max-batch-size, --queue-delay-us and the requests in flight")
 
 
 def parse_server_options(argv: list[str] | None = None, prog: str = "mtserve serve") -> ServerOptions:
@@ -109,6 +114,7 @@ def to_argv(options: ServerOptions) -> list[str]:
         "--attention-backend", options.attention_backend,
         "--queue-delay-us", str(options.queue_delay_us), "--request-timeout", str(options.request_timeout),
         "--frontend-processes", str(options.frontend_processes), "--cuda-graphs", options.cuda_graphs,
+        *(["--log-batches"] if options.log_batches else []),
     ]
 
 

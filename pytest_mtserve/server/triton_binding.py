@@ -13,12 +13,14 @@ import os
 import shutil
 import sysconfig
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
+from .batch_log import BatchLog
 from .ports import ensure_port_free, pick_free_port
 from .work import WorkItem, WorkResult
 
@@ -65,8 +67,10 @@ class TritonEngineServer:
         queue_delay_us: int,
         host: str = "127.0.0.1",
         http_port: int = 0,
+        batch_log: BatchLog | None = None,
     ) -> None:
         self._run_batch = run_batch
+        self._batch_log = batch_log
         self.triton_model_name = triton_model_name
         self._max_batch_size = max_batch_size
         self._queue_delay_us = queue_delay_us
@@ -153,13 +157,18 @@ class TritonEngineServer:
         import numpy as np
         from pytriton.decorators import batch
 
-        run_batch = self._run_batch
+        batch_log = self._batch_log
+        run_batch = self._run_batch if batch_log is None else batch_log.timing_engine(self._run_batch)
 
         @batch
         def infer(**inputs: Any) -> dict[str, Any]:
+            entered = time.monotonic()
             items = [WorkItem.from_json(row[0]) for row in inputs[REQUEST_INPUT]]
             rows = [[row.encode()] for row in _run_batch_to_rows(run_batch, items)]
-            return {RESPONSE_OUTPUT: np.array(rows, dtype=object)}
+            response = {RESPONSE_OUTPUT: np.array(rows, dtype=object)}
+            if batch_log is not None:
+                batch_log.record(len(items), entered)
+            return response
 
         return infer
 
