@@ -90,9 +90,9 @@ def _serve_rank(options: ServerOptions) -> int:
 
 
 def _lead(rank, options: ServerOptions) -> None:
+    from pytest_mtserve.server.batch_log import BatchLog
     from pytest_mtserve.server.frontend_process import FrontEndError, FrontEndProcesses, FrontEndSettings
     from pytest_mtserve.server.process_life import stop_requested_on_signals
-    from pytest_mtserve.server.batch_log import BatchLog
     from pytest_mtserve.server.triton_binding import TritonEngineServer
 
     stop_requested = stop_requested_on_signals()
