@@ -127,6 +127,21 @@ def test_a_random_weight_checkpoint_loads_with_the_requested_spread(tiny_checkpo
     assert 0.019 < std < 0.021
 
 
+def test_the_ranks_command_line_carries_every_option() -> None:
+    """Ranks started for --tp > 1 parse to_argv(options): an option it drops is lost there."""
+    from pytest_mtserve.server.options import ServerOptions, parse_server_options, to_argv
+
+    argv = ["--checkpoint", "/ckpt", "--tp", "2", "--max-batch-size", "16", "--inference-max-seq-length", "512",
+            "--host", "0.0.0.0", "--port", "9000", "--triton-port", "9001", "--model-name", "m", "--device", "cpu",
+            "--dtype", "bfloat16", "--attention-backend", "sdpa", "--queue-delay-us", "10", "--request-timeout", "5",
+            "--frontend-processes", "3", "--cuda-graphs", "off", "--log-batches"]  # fmt: skip
+    options = parse_server_options(argv)
+    defaults = parse_server_options(["--checkpoint", "/ckpt"])
+    assert all(getattr(options, name) != getattr(defaults, name) for name in ServerOptions.__dataclass_fields__
+               if name not in ("checkpoint", "pp")), "give every option a non-default value here"  # fmt: skip
+    assert parse_server_options(to_argv(options)) == options
+
+
 def test_front_end_processes_default_to_one_per_four_cores_up_to_four() -> None:
     from pytest_mtserve.server.options import default_frontend_processes
 
