@@ -70,6 +70,9 @@ class Throughput:
     # CPU seconds by process role. On a shared machine wall time swings with the neighbours'
     # load; CPU time per token shows where the work goes far more steadily.
     cpu_s: dict[str, float]
+    # each HTTP front end's share of their CPU, largest first: the kernel hands every client
+    # connection to one front end, which answers all its requests for the whole round.
+    front_end_shares: tuple[float, ...] = ()
 
     @property
     def tokens_per_s(self) -> float:
@@ -212,7 +215,7 @@ class HttpClients:
     def measure(self, server_pid: int, requests: Sequence[ScoringRequest]) -> Throughput:
         bodies = [completion_body(request, self.model) for request in requests]
         self._next_request.value = 0
-        server_cpu_started = server_cpu_by_role(server_pid)
+        server_cpu_started = server_cpu_by_process(server_pid)
         started = time.perf_counter()
         outcomes = list(
             self._pool.map(_post_all, [self.url] * self.processes, [bodies] * self.processes, [self.clients_per_process] * self.processes)
@@ -221,10 +224,13 @@ class HttpClients:
         failures = [failure for _, process_failures in outcomes for failure in process_failures]
         if failures:
             raise RuntimeError(f"{len(failures)} served requests failed; the first: {failures[0]}")
-        server_cpu = server_cpu_by_role(server_pid)
-        cpu = {role: server_cpu[role] - server_cpu_started.get(role, 0.0) for role in server_cpu}
+        used = {pid: (role, seconds - server_cpu_started.get(pid, (role, 0.0))[1])
+                for pid, (role, seconds) in server_cpu_by_process(server_pid).items()}  # fmt: skip
+        cpu = {role: sum(seconds for used_role, seconds in used.values() if used_role == role) for role in SERVER_ROLES}
         cpu["HTTP clients"] = sum(cpu_s for cpu_s, _ in outcomes)
-        return Throughput(total_tokens(requests), elapsed, cpu)
+        front_ends = sorted((seconds for role, seconds in used.values() if role == "front ends"), reverse=True)
+        shares = tuple(seconds / sum(front_ends) for seconds in front_ends) if sum(front_ends) > 0 else ()
+        return Throughput(total_tokens(requests), elapsed, cpu, shares)
 
     def close(self) -> None:
         self._pool.shutdown()
@@ -271,22 +277,25 @@ def _post_all(url: str, bodies: list[dict[str, Any]], clients: int) -> tuple[flo
     return time.process_time() - cpu_started, failures
 
 
-def server_cpu_by_role(server_pid: int) -> dict[str, float]:
-    """CPU seconds so far of the server's processes by role: the HTTP front ends, the engine's
-    ranks (Triton callable and engine; the launching process too) and tritonserver with its
-    Python backend stub."""
+SERVER_ROLES = ("front ends", "engine ranks", "tritonserver + stub")
+
+
+def server_cpu_by_process(server_pid: int) -> dict[int, tuple[str, float]]:
+    """CPU seconds so far of each of the server's processes, with its role: an HTTP front end,
+    an engine rank (Triton callable and engine; the launching process too) or tritonserver
+    with its Python backend stub."""
     import psutil
 
     root = psutil.Process(server_pid)
-    totals = {"front ends": 0.0, "engine ranks": 0.0, "tritonserver + stub": 0.0}
+    used = {}
     for process in [root, *root.children(recursive=True)]:
         try:
             times, name, command = process.cpu_times(), process.name(), " ".join(process.cmdline())
         except psutil.NoSuchProcess:
             continue
         role = "tritonserver + stub" if "triton" in name else "front ends" if "frontend_process" in command else "engine ranks"
-        totals[role] += times.user + times.system
-    return totals
+        used[process.pid] = (role, times.user + times.system)
+    return used
 
 
 def served_logprobs(url: str, model: str, request: ScoringRequest) -> list[float | None]:
@@ -307,9 +316,10 @@ def largest_difference(left: list[float | None], right: list[float | None]) -> f
 
 
 def start_server_for(checkpoint: Path, log_dir: Path, args: argparse.Namespace):
-    from pytest_mtserve.launcher import ServerSettings, server_command, start_server
+    from pytest_mtserve.launcher import ServerSettings, queue_delay_for, server_command, start_server
 
-    settings = ServerSettings(checkpoint=checkpoint, device=args.device, max_batch_size=args.max_batch_size, python=args.server_python)
+    settings = ServerSettings(checkpoint=checkpoint, device=args.device, max_batch_size=args.max_batch_size, python=args.server_python,
+                              queue_delay_us=queue_delay_for(args.clients, args.max_batch_size))  # as the plugin's
     command = [*server_command(settings), f"--attention-backend={args.attention_backend}", f"--cuda-graphs={args.cuda_graphs}",
                "--log-batches", *args.server_arg]  # fmt: skip
     return start_server(command, log_dir / "server.log", timeout_s=600)
@@ -374,7 +384,8 @@ def summarize_batches(batches: Sequence[BatchTimes], started: float, ended: floa
     idle = [batch.idle_ms for batch in inside[1:] if batch.idle_ms is not None]  # the first one's began before the round
     return (f"{count}, {sum(batch.requests for batch in inside) / count:.1f} requests on average (at most {max_batch_size}); "
             f"per batch: engine {engine_ms / count:.1f} ms, the callable around it {around_ms / count:.1f} ms, idle before it "
-            f"{statistics.fmean(idle) if idle else 0.0:.1f} ms; engine busy {engine_ms / (10 * (ended - started)):.0f} % of the round")  # fmt: skip
+            f"{statistics.fmean(idle) if idle else 0.0:.1f} ms; engine busy {engine_ms / (10 * (ended - started)):.0f} % of the round; "
+            f"sizes in order: {' '.join(str(batch.requests) for batch in inside)}")  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -415,6 +426,10 @@ def report(runs: dict[str, list[Throughput]], peer: dict[str, float] | None, arg
         label = f"served ({args.clients} clients in {args.client_processes} processes)" if name == "served" else name
         print(f"{label:<20} tokens/s per round: {', '.join(f'{t.tokens_per_s:,.0f}' for t in measured)}")
         print(f"{'':<20} CPU ms per 1k tokens (median round): {_median_cpu(measured)}")
+        for round_index, run in enumerate(measured):
+            if run.front_end_shares:
+                shares = " / ".join(f"{100 * share:.0f}" for share in run.front_end_shares)
+                print(f"{'':<20} round {round_index + 1}: each front end's % of the front ends' CPU: {shares}")
     best = {name: max(t.tokens_per_s for t in measured) for name, measured in runs.items()}
     for name, rate in best.items():
         print(f"{name} (best round): {rate:,.0f} tokens/s" + ("" if name == "served" else f" (batches of {args.max_batch_size})"))

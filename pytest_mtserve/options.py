@@ -232,7 +232,7 @@ class MtserveOptions:
         return self.rootdir / self.baselines_dir
 
     def server_settings(self, checkpoint: Path) -> ServerSettings:
-        from pytest_mtserve.launcher import ServerSettings
+        from pytest_mtserve.launcher import ServerSettings, queue_delay_for
 
         return ServerSettings(
             checkpoint=checkpoint,
@@ -243,6 +243,7 @@ class MtserveOptions:
             port=self.server_port,
             device=self.device,
             python=self.server_python,
+            queue_delay_us=queue_delay_for(self.parallelism, self.max_batch_size),
         )
 
 

@@ -12,7 +12,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from pytest_mtserve.server.openai_api import FrontEndServer, create_app
-from pytest_mtserve.server.ports import PortInUseError, ensure_port_free, pick_free_port
+from pytest_mtserve.server.ports import PortInUseError, bind_listening_sockets, ensure_port_free, pick_free_port
 from pytest_mtserve.server.tiny_tokenizer import build_tiny_tokenizer
 from pytest_mtserve.server.tokenizer import load_tokenizer
 from pytest_mtserve.server.triton_binding import (
@@ -69,6 +69,47 @@ def test_busy_port_is_named_with_the_fix(listener: int) -> None:
 
 def test_picked_port_is_free() -> None:
     ensure_port_free("127.0.0.1", pick_free_port("127.0.0.1"), "test")
+
+
+def test_a_group_of_listening_sockets_shares_one_port_and_the_connections() -> None:
+    group = bind_listening_sockets("127.0.0.1", 0, 3, "HTTP front end", option="--port")
+    clients = []
+    try:
+        assert len({sock.getsockname() for sock in group}) == 1
+        for sock in group:
+            sock.listen()
+        port = group[0].getsockname()[1]
+        for _ in range(30):  # held open at once, as a client's pool of keep-alive connections
+            clients.append(socket.create_connection(("127.0.0.1", port)))
+        accepted = {index: 0 for index in range(len(group))}
+        for index, sock in enumerate(group):
+            sock.setblocking(False)
+            while True:
+                try:
+                    sock.accept()[0].close()
+                except BlockingIOError:
+                    break
+                accepted[index] += 1
+        # one shared socket would let its first reader take all 30; the kernel spreads them
+        assert sum(accepted.values()) == 30 and max(accepted.values()) < 30, accepted
+    finally:
+        for sock in [*group, *clients]:
+            sock.close()
+
+
+def test_a_port_another_group_listens_on_is_refused() -> None:
+    # Another server of the same user on the same --port: joining its group would silently
+    # split the connections between the two servers.
+    other = socket.socket()
+    other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    other.bind(("127.0.0.1", 0))
+    other.listen()
+    port = other.getsockname()[1]
+    try:
+        with pytest.raises(PortInUseError, match=f"port {port} on 127.0.0.1 \\(HTTP front end\\) is already in use; pass --port 0"):
+            bind_listening_sockets("127.0.0.1", port, 2, "HTTP front end", option="--port")
+    finally:
+        other.close()
 
 
 def test_triton_on_busy_port_fails_fast_naming_it(listener: int) -> None:

@@ -11,10 +11,12 @@ import pytest
 
 from pytest_mtserve import launcher
 from pytest_mtserve.launcher import (
+    FULL_BATCH_QUEUE_DELAY_US,
     RunningServer,
     ServerSettings,
     ServerStartError,
     SharedServer,
+    queue_delay_for,
     server_command,
     start_server,
 )
@@ -93,6 +95,16 @@ def test_server_command_carries_the_settings() -> None:
     assert pairs["--checkpoint"] == "/ckpt/run"
     assert (pairs["--tp"], pairs["--pp"], pairs["--port"], pairs["--device"]) == ("2", "1", "8080", "cpu")
     assert pairs["--host"] == "127.0.0.1"
+
+
+def test_server_command_sets_the_queue_delay_only_for_two_batches_in_flight() -> None:
+    def queue_delay(in_flight: int) -> str | None:
+        settings = ServerSettings(checkpoint=Path("/ckpt/run"), max_batch_size=32, queue_delay_us=queue_delay_for(in_flight, 32))
+        command = server_command(settings)
+        return command[command.index("--queue-delay-us") + 1] if "--queue-delay-us" in command else None
+
+    assert queue_delay(64) == queue_delay(100) == str(FULL_BATCH_QUEUE_DELAY_US)
+    assert queue_delay(63) is None and queue_delay(1) is None  # the server's default
 
 
 def test_server_command_runs_the_chosen_interpreter() -> None:

@@ -57,6 +57,24 @@ def assert_all_stopped(pids: list[int]) -> None:
     assert not any(_live_members(pid) for pid in pids)
 
 
+@pytest.mark.parametrize(("args", "queue_delay"), [([], "100000"), (["--parallelism", "15"], "None")])
+def test_two_batches_in_flight_get_the_queue_delay_that_fills_batches(
+    project: pytest.Pytester, args: list[str], queue_delay: str
+) -> None:
+    project.makeconftest(textwrap.dedent("""
+        import sys
+        from pathlib import Path
+
+        def pytest_mtserve_server_command(config, settings):
+            here = Path(__file__).parent
+            (here / "queue_delay.txt").write_text(str(settings.queue_delay_us))
+            return [sys.executable, str(here / "fake_server.py"), str(here / "starts.txt"), "ok"]
+    """))
+    result = project.runpytest_subprocess("--checkpoint", "ckpt", "--device", "cpu", *args)  # batches of 8
+    result.assert_outcomes(passed=4)
+    assert (project.path / "queue_delay.txt").read_text() == queue_delay
+
+
 def test_one_server_per_session_stopped_at_the_end(project: pytest.Pytester) -> None:
     result = project.runpytest_subprocess("--checkpoint", "ckpt")
     result.assert_outcomes(passed=4)

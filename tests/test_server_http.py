@@ -170,6 +170,10 @@ def test_front_end_processes_share_the_port_and_one_dying_stops_the_server(start
     assert len({tuple(echo_logprobs(server, PROMPTS[0])) for _ in range(6)}) == 1
     connections = {f.pid: [c for c in f.net_connections() if c.status == psutil.CONN_LISTEN] for f in frontends}
     assert all(len(listening) == 1 for listening in connections.values())
+    # each on a socket of its own, so the kernel spreads the connections (one shared socket
+    # lets the first process to wake accept a whole burst of them)
+    sockets = {os.readlink(f"/proc/{pid}/fd/{listening.fd}") for pid, (listening,) in connections.items()}
+    assert len(sockets) == 2
     frontends[0].kill()
     psutil.Process(server.pid).wait(timeout=60)
     assert "the HTTP front end exited with code -9; stopping" in server.tail()

@@ -8,9 +8,8 @@ it runs in interpreters of its own; they never import torch.
 
 Parsing, tokenizing and building the responses of echoed log-probs cost milliseconds of
 Python per request, so one process caps a fast engine at a few hundred requests per
-second. Several processes accept on one listening socket, bound once by rank 0 (the
-pre-fork model of gunicorn and ``uvicorn --workers``); the kernel hands each new
-connection to one of them.
+second. Several processes listen on one port, each on a socket of its own that rank 0
+binds before they start (``SO_REUSEPORT``); the kernel spreads new connections over them.
 
     python -m pytest_mtserve.server.frontend_process SETTINGS_JSON LISTEN_FD READY_FD PARENT_PID
 
@@ -63,16 +62,22 @@ class FrontEndProcesses:
 
     def start(self) -> str:
         """Start the front ends and return the base URL once each has served a completion."""
-        from pytest_mtserve.server.ports import PortInUseError, bind_listening_socket
+        from pytest_mtserve.server.ports import PortInUseError, bind_listening_sockets
 
         try:
-            listener = bind_listening_socket(self._settings.host, self._settings.port, "HTTP front end", option="--port")
+            listeners = bind_listening_sockets(
+                self._settings.host, self._settings.port, self._count, "HTTP front end", option="--port"
+            )
         except PortInUseError as error:
             raise FrontEndError(str(error)) from None
-        with listener:
-            listener.listen(LISTEN_BACKLOG)  # before the first child: no connection is refused meanwhile
-            readies = [self._spawn(listener.fileno()) for _ in range(self._count)]
+        try:
+            for listener in listeners:
+                listener.listen(LISTEN_BACKLOG)  # before the first child: no connection is refused meanwhile
+            readies = [self._spawn(listener.fileno()) for listener in listeners]
             urls = [self._wait_ready(process, ready) for process, ready in zip(self._processes, readies)]
+        finally:
+            for listener in listeners:
+                listener.close()
         return urls[0]
 
     def _spawn(self, listen_fd: int) -> TextIO:

@@ -72,7 +72,8 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
                              "instead of launching every kernel from Python; auto is on with CUDA "
                              "at --tp 1 (default: auto)")
     parser.add_argument("--queue-delay-us", type=int, default=2000,
-                        help="how long Triton waits to fill a batch, in microseconds (default: 2000)")
+                        help="how long Triton waits to fill a batch, in microseconds (default: 2000; a client "
+                             "that keeps two batches in flight fills them at 100000, as the plugin passes)")
     parser.add_argument("--request-timeout", type=float, default=600.0,
                         help="seconds the HTTP front end waits for Triton per request (default: 600)")
     parser.add_argument("--frontend-processes", type=int, default=0, metavar="N",

@@ -1,0 +1,128 @@
+"""How full Triton's batches are, and the requests per second, at two queue delays side by side.
+
+    python benchmarks/batch_fill.py [--delays-us 2000,100000] [--batch 32] [--clients 64]
+
+The serving path is the real one (PyTriton and tritonserver, the HTTP front end processes,
+lm-eval-like aiohttp clients sending echoed log-likelihood requests), the engine is not: it
+sleeps as the 8B GPU engine takes per batch (``--engine-ms`` plus ``--engine-ms-per-request``
+each, measured on an H200: 94-107 ms for batches of 23-32). So a CPU machine reproduces the
+GPU's batching: the host's cores go to the serving path only, as on a GPU host.
+
+Each delay gets a Triton and front ends of its own; the rounds alternate between them, so
+load on a shared machine hits both alike. The last line is the requests-per-second ratio of
+the last delay to the first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+from pytest_mtserve.server.batch_log import BatchLog, parse_batch_lines
+from pytest_mtserve.server.frontend_process import FrontEndProcesses, FrontEndSettings
+from pytest_mtserve.server.tiny_tokenizer import build_tiny_tokenizer
+from pytest_mtserve.server.triton_binding import TritonEngineServer
+from pytest_mtserve.server.work import WorkItem, WorkResult
+
+MODEL = "sleeping-engine"
+PROMPT = "the answer is " * 90  # ~270 tokens of the tiny tokenizer, an MMLU prompt's length
+
+
+def sleeping_engine(base_s: float, per_request_s: float):
+    def run_batch(items: list[WorkItem]) -> list[WorkResult]:
+        time.sleep(base_s + per_request_s * len(items))
+        return [echoed_result(len(item.prompt_tokens)) for item in items]
+
+    return run_batch
+
+
+def echoed_result(prompt_length: int) -> WorkResult:
+    """What a log-likelihood request (echo, logprobs 1, max_tokens 1) gets back."""
+    return WorkResult(
+        output_tokens=[5], finish_reason="length",
+        prompt_logprobs=[None] + [-1.25] * (prompt_length - 1),
+        prompt_top_logprobs=[None] + [{7: -0.5}] * (prompt_length - 1),
+        output_logprobs=[-1.0], output_top_logprobs=[{5: -1.0}],
+    )  # fmt: skip
+
+
+async def send_all(url: str, clients: int, requests: int) -> None:
+    import aiohttp
+
+    body = {"model": MODEL, "prompt": PROMPT, "temperature": 0, "max_tokens": 1, "logprobs": 1, "echo": True}
+    numbers = iter(range(requests))
+
+    async def client(session: aiohttp.ClientSession) -> None:
+        for _ in numbers:
+            async with session.post(f"{url}/v1/completions", json=body) as response:
+                if response.status != 200:
+                    raise RuntimeError(f"HTTP {response.status}: {(await response.text())[:300]}")
+                await response.json()
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=clients)) as session:
+        await asyncio.gather(*(client(session) for _ in range(clients)))
+
+
+class Stack:
+    """Triton with the sleeping engine at one queue delay, and its front ends."""
+
+    def __init__(self, stack: ExitStack, args: argparse.Namespace, delay_us: int, scratch: Path) -> None:
+        self.delay_us = delay_us
+        self.log_path = scratch / f"batches-{delay_us}.log"
+        log = stack.enter_context(self.log_path.open("w"))
+        engine = sleeping_engine(args.engine_ms / 1e3, args.engine_ms_per_request / 1e3)
+        triton = TritonEngineServer(engine, max_batch_size=args.batch, queue_delay_us=delay_us, batch_log=BatchLog(log))
+        triton.start()
+        stack.callback(triton.stop)
+        settings = FrontEndSettings(MODEL, str(scratch / "tokenizer"), 4096, "127.0.0.1", 0, triton.url,
+                                    triton.triton_model_name, 600.0)  # fmt: skip
+        frontends = FrontEndProcesses(settings, args.frontend_processes)
+        self.url = frontends.start()
+        stack.callback(frontends.stop)
+
+    def measure(self, clients: int, requests: int) -> tuple[float, list[int]]:
+        """Requests per second, and the sizes of the batches that ran meanwhile."""
+        started = time.monotonic()
+        asyncio.run(send_all(self.url, clients, requests))
+        ended = time.monotonic()
+        batches = parse_batch_lines(self.log_path.read_text().splitlines())
+        return requests / (ended - started), [b.requests for b in batches if started <= b.left <= ended]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--delays-us", default="2000,100000", help="Triton queue delays to compare (default: 2000,100000)")
+    parser.add_argument("--batch", type=int, default=32, help="Triton's max batch size (default: 32)")
+    parser.add_argument("--clients", type=int, default=64, help="requests in flight (default: 64)")
+    parser.add_argument("--requests", type=int, default=640, help="requests per round (default: 640)")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--frontend-processes", type=int, default=2)
+    parser.add_argument("--engine-ms", type=float, default=60.0, help="the engine's time per batch (default: 60)")
+    parser.add_argument("--engine-ms-per-request", type=float, default=1.5, help="and per request in it (default: 1.5)")
+    args = parser.parse_args()
+    delays = [int(value) for value in args.delays_us.split(",")]
+    rates: dict[int, list[float]] = {delay: [] for delay in delays}
+    with tempfile.TemporaryDirectory() as scratch, ExitStack() as stack:
+        build_tiny_tokenizer(Path(scratch) / "tokenizer")
+        stacks = [Stack(stack, args, delay, Path(scratch)) for delay in delays]
+        for server in stacks:
+            server.measure(args.clients, 2 * args.clients)  # warm-up
+        for round_index in range(args.rounds):
+            for server in stacks:
+                rate, sizes = server.measure(args.clients, args.requests)
+                rates[server.delay_us].append(rate)
+                print(f"queue delay {server.delay_us:>7} us, round {round_index + 1}: {rate:6.1f} requests/s, "
+                      f"{len(sizes)} batches of {statistics.fmean(sizes):.1f} on average (at most {args.batch}); "
+                      f"sizes {' '.join(map(str, sizes[:24]))}{' ...' if len(sizes) > 24 else ''}")  # fmt: skip
+    best = {delay: max(values) for delay, values in rates.items()}
+    print(f"requests/s (best round), queue delay {delays[-1]} us / {delays[0]} us = {best[delays[-1]] / best[delays[0]]:.3f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
