@@ -16,7 +16,7 @@ the last delay to the first.
 from __future__ import annotations
 
 import argparse
-import asyncio
+import multiprocessing
 import statistics
 import sys
 import tempfile
@@ -24,14 +24,18 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from pytest_mtserve.server.batch_log import BatchLog, parse_batch_lines
-from pytest_mtserve.server.frontend_process import FrontEndProcesses, FrontEndSettings
-from pytest_mtserve.server.tiny_tokenizer import build_tiny_tokenizer
-from pytest_mtserve.server.triton_binding import TritonEngineServer
-from pytest_mtserve.server.work import WorkItem, WorkResult
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serving_overhead import post_all, share_counter  # noqa: E402
+
+from pytest_mtserve.server.batch_log import BatchLog, parse_batch_lines  # noqa: E402
+from pytest_mtserve.server.frontend_process import FrontEndProcesses, FrontEndSettings  # noqa: E402
+from pytest_mtserve.server.tiny_tokenizer import build_tiny_tokenizer  # noqa: E402
+from pytest_mtserve.server.triton_binding import TritonEngineServer  # noqa: E402
+from pytest_mtserve.server.work import WorkItem, WorkResult  # noqa: E402
 
 MODEL = "sleeping-engine"
-PROMPT = "the answer is " * 90  # ~270 tokens of the tiny tokenizer, an MMLU prompt's length
+# lm-eval's log-likelihood request; ~270 tokens of the tiny tokenizer, an MMLU prompt's length
+BODY = {"model": MODEL, "prompt": "the answer is " * 90, "temperature": 0, "max_tokens": 1, "logprobs": 1, "echo": True}
 
 
 def sleeping_engine(base_s: float, per_request_s: float):
@@ -50,23 +54,6 @@ def echoed_result(prompt_length: int) -> WorkResult:
         prompt_top_logprobs=[None] + [{7: -0.5}] * (prompt_length - 1),
         output_logprobs=[-1.0], output_top_logprobs=[{5: -1.0}],
     )  # fmt: skip
-
-
-async def send_all(url: str, clients: int, requests: int) -> None:
-    import aiohttp
-
-    body = {"model": MODEL, "prompt": PROMPT, "temperature": 0, "max_tokens": 1, "logprobs": 1, "echo": True}
-    numbers = iter(range(requests))
-
-    async def client(session: aiohttp.ClientSession) -> None:
-        for _ in numbers:
-            async with session.post(f"{url}/v1/completions", json=body) as response:
-                if response.status != 200:
-                    raise RuntimeError(f"HTTP {response.status}: {(await response.text())[:300]}")
-                await response.json()
-
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=clients)) as session:
-        await asyncio.gather(*(client(session) for _ in range(clients)))
 
 
 class Stack:
@@ -88,9 +75,12 @@ class Stack:
 
     def measure(self, clients: int, requests: int) -> tuple[float, list[int]]:
         """Requests per second, and the sizes of the batches that ran meanwhile."""
+        share_counter(multiprocessing.Value("q", 0))
         started = time.monotonic()
-        asyncio.run(send_all(self.url, clients, requests))
+        _, failures = post_all(self.url, [BODY] * requests, clients)
         ended = time.monotonic()
+        if failures:
+            raise RuntimeError(f"{len(failures)} requests failed; the first: {failures[0]}")
         batches = parse_batch_lines(self.log_path.read_text().splitlines())
         return requests / (ended - started), [b.requests for b in batches if started <= b.left <= ended]
 

@@ -209,7 +209,7 @@ class HttpClients:
         context = get_context("spawn")
         self._next_request = context.Value("q", 0)
         self._pool = ProcessPoolExecutor(
-            max_workers=processes, mp_context=context, initializer=_share_counter, initargs=(self._next_request,)
+            max_workers=processes, mp_context=context, initializer=share_counter, initargs=(self._next_request,)
         )
 
     def measure(self, server_pid: int, requests: Sequence[ScoringRequest]) -> Throughput:
@@ -218,7 +218,7 @@ class HttpClients:
         server_cpu_started = server_cpu_by_process(server_pid)
         started = time.perf_counter()
         outcomes = list(
-            self._pool.map(_post_all, [self.url] * self.processes, [bodies] * self.processes, [self.clients_per_process] * self.processes)
+            self._pool.map(post_all, [self.url] * self.processes, [bodies] * self.processes, [self.clients_per_process] * self.processes)
         )
         elapsed = time.perf_counter() - started
         failures = [failure for _, process_failures in outcomes for failure in process_failures]
@@ -239,12 +239,12 @@ class HttpClients:
 _next_request: Any = None  # in a client process: the index of the next request to send, shared by all
 
 
-def _share_counter(counter: Any) -> None:
+def share_counter(counter: Any) -> None:
     global _next_request
     _next_request = counter
 
 
-def _post_all(url: str, bodies: list[dict[str, Any]], clients: int) -> tuple[float, list[str]]:
+def post_all(url: str, bodies: list[dict[str, Any]], clients: int) -> tuple[float, list[str]]:
     """In a client process: ``clients`` concurrent requests over one aiohttp session send the
     bodies the shared counter hands them; returns this process's CPU seconds and the failures."""
     import asyncio
