@@ -1,6 +1,7 @@
-"""How full Triton's batches are, and the requests per second, at two queue delays side by side.
+"""How full Triton's batches are, how long the engine idles between them, and the requests
+per second, at several queue delays and Triton instance counts side by side.
 
-    python benchmarks/batch_fill.py [--delays-us 2000,100000] [--batch 32] [--clients 64]
+    python benchmarks/batch_fill.py [--setups 2000:1,100000:1,100000:2] [--batch 32] [--clients 64]
 
 The serving path is the real one (PyTriton and tritonserver, the HTTP front end processes,
 lm-eval-like aiohttp clients sending echoed log-likelihood requests), the engine is not: it
@@ -8,9 +9,9 @@ sleeps as the 8B GPU engine takes per batch (``--engine-ms`` plus ``--engine-ms-
 each, measured on an H200: 94-107 ms for batches of 23-32). So a CPU machine reproduces the
 GPU's batching: the host's cores go to the serving path only, as on a GPU host.
 
-Each delay gets a Triton and front ends of its own; the rounds alternate between them, so
-load on a shared machine hits both alike. The last line is the requests-per-second ratio of
-the last delay to the first.
+Each setup (queue delay in microseconds : Triton instances) gets a Triton and front ends of
+its own; the rounds alternate between them, so load on a shared machine hits all alike. The
+last lines are each setup's requests per second as a ratio to the first setup's.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serving_overhead import post_all, share_counter  # noqa: E402
 
-from pytest_mtserve.server.batch_log import BatchLog, parse_batch_lines  # noqa: E402
+from pytest_mtserve.server.batch_log import BatchLog, BatchTimes, parse_batch_lines  # noqa: E402
 from pytest_mtserve.server.frontend_process import FrontEndProcesses, FrontEndSettings  # noqa: E402
 from pytest_mtserve.server.tiny_tokenizer import build_tiny_tokenizer  # noqa: E402
 from pytest_mtserve.server.triton_binding import TritonEngineServer  # noqa: E402
@@ -57,14 +58,17 @@ def echoed_result(prompt_length: int) -> WorkResult:
 
 
 class Stack:
-    """Triton with the sleeping engine at one queue delay, and its front ends."""
+    """Triton with the sleeping engine at one queue delay and instance count, and its front ends."""
 
-    def __init__(self, stack: ExitStack, args: argparse.Namespace, delay_us: int, scratch: Path) -> None:
-        self.delay_us = delay_us
-        self.log_path = scratch / f"batches-{delay_us}.log"
+    def __init__(self, stack: ExitStack, args: argparse.Namespace, setup: str, scratch: Path) -> None:
+        self.setup = setup
+        delay_us, instances = (int(value) for value in setup.split(":"))
+        self.name = f"queue delay {delay_us:>6} us, {instances} instance{'s' if instances > 1 else ''}"
+        self.log_path = scratch / f"batches-{delay_us}-{instances}.log"
         log = stack.enter_context(self.log_path.open("w"))
         engine = sleeping_engine(args.engine_ms / 1e3, args.engine_ms_per_request / 1e3)
-        triton = TritonEngineServer(engine, max_batch_size=args.batch, queue_delay_us=delay_us, batch_log=BatchLog(log))
+        triton = TritonEngineServer(engine, max_batch_size=args.batch, queue_delay_us=delay_us, instances=instances,
+                                    batch_log=BatchLog(log))  # fmt: skip
         triton.start()
         stack.callback(triton.stop)
         settings = FrontEndSettings(MODEL, str(scratch / "tokenizer"), 4096, "127.0.0.1", 0, triton.url,
@@ -73,8 +77,8 @@ class Stack:
         self.url = frontends.start()
         stack.callback(frontends.stop)
 
-    def measure(self, clients: int, requests: int) -> tuple[float, list[int]]:
-        """Requests per second, and the sizes of the batches that ran meanwhile."""
+    def measure(self, clients: int, requests: int) -> tuple[float, list[BatchTimes]]:
+        """Requests per second, and the batches that ran meanwhile."""
         share_counter(multiprocessing.Value("q", 0))
         started = time.monotonic()
         _, failures = post_all(self.url, [BODY] * requests, clients)
@@ -82,12 +86,13 @@ class Stack:
         if failures:
             raise RuntimeError(f"{len(failures)} requests failed; the first: {failures[0]}")
         batches = parse_batch_lines(self.log_path.read_text().splitlines())
-        return requests / (ended - started), [b.requests for b in batches if started <= b.left <= ended]
+        return requests / (ended - started), [b for b in batches if started <= b.left <= ended]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--delays-us", default="2000,100000", help="Triton queue delays to compare (default: 2000,100000)")
+    parser.add_argument("--setups", default="2000:1,100000:1,100000:2",
+                        help="queue delay (us) : Triton instances, comma-separated (default: 2000:1,100000:1,100000:2)")
     parser.add_argument("--batch", type=int, default=32, help="Triton's max batch size (default: 32)")
     parser.add_argument("--clients", type=int, default=64, help="requests in flight (default: 64)")
     parser.add_argument("--requests", type=int, default=640, help="requests per round (default: 640)")
@@ -96,22 +101,26 @@ def main() -> None:
     parser.add_argument("--engine-ms", type=float, default=60.0, help="the engine's time per batch (default: 60)")
     parser.add_argument("--engine-ms-per-request", type=float, default=1.5, help="and per request in it (default: 1.5)")
     args = parser.parse_args()
-    delays = [int(value) for value in args.delays_us.split(",")]
-    rates: dict[int, list[float]] = {delay: [] for delay in delays}
+    setups = args.setups.split(",")
+    rates: dict[str, list[float]] = {setup: [] for setup in setups}
     with tempfile.TemporaryDirectory() as scratch, ExitStack() as stack:
         build_tiny_tokenizer(Path(scratch) / "tokenizer")
-        stacks = [Stack(stack, args, delay, Path(scratch)) for delay in delays]
+        stacks = [Stack(stack, args, setup, Path(scratch)) for setup in setups]
         for server in stacks:
             server.measure(args.clients, 2 * args.clients)  # warm-up
         for round_index in range(args.rounds):
             for server in stacks:
-                rate, sizes = server.measure(args.clients, args.requests)
-                rates[server.delay_us].append(rate)
-                print(f"queue delay {server.delay_us:>7} us, round {round_index + 1}: {rate:6.1f} requests/s, "
-                      f"{len(sizes)} batches of {statistics.fmean(sizes):.1f} on average (at most {args.batch}); "
+                rate, batches = server.measure(args.clients, args.requests)
+                rates[server.setup].append(rate)
+                sizes = [batch.requests for batch in batches]
+                idle = [batch.idle_ms for batch in batches[1:] if batch.idle_ms is not None]
+                print(f"{server.name}, round {round_index + 1}: {rate:6.1f} requests/s, {len(sizes)} batches of "
+                      f"{statistics.fmean(sizes):.1f} on average (at most {args.batch}), the engine idle "
+                      f"{statistics.fmean(idle) if idle else 0.0:.1f} ms before each; "
                       f"sizes {' '.join(map(str, sizes[:24]))}{' ...' if len(sizes) > 24 else ''}")  # fmt: skip
-    best = {delay: max(values) for delay, values in rates.items()}
-    print(f"requests/s (best round), queue delay {delays[-1]} us / {delays[0]} us = {best[delays[-1]] / best[delays[0]]:.3f}")
+    first = max(rates[setups[0]])
+    for server in stacks[1:]:
+        print(f"requests/s (best round), {server.name} / {stacks[0].name} = {max(rates[server.setup]) / first:.3f}")
 
 
 if __name__ == "__main__":

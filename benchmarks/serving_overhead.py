@@ -380,11 +380,12 @@ def summarize_batches(batches: Sequence[BatchTimes], started: float, ended: floa
         return "none logged"
     count = len(inside)
     engine_ms = sum(batch.engine_ms for batch in inside)
-    around_ms = sum(batch.callable_ms for batch in inside) - engine_ms
+    wait_ms = sum(batch.wait_ms for batch in inside)
+    around_ms = sum(batch.callable_ms for batch in inside) - engine_ms - wait_ms
     idle = [batch.idle_ms for batch in inside[1:] if batch.idle_ms is not None]  # the first one's began before the round
     return (f"{count}, {sum(batch.requests for batch in inside) / count:.1f} requests on average (at most {max_batch_size}); "
-            f"per batch: engine {engine_ms / count:.1f} ms, the callable around it {around_ms / count:.1f} ms, idle before it "
-            f"{statistics.fmean(idle) if idle else 0.0:.1f} ms; engine busy {engine_ms / (10 * (ended - started)):.0f} % of the round; "
+            f"per batch: engine {engine_ms / count:.1f} ms, waiting for it {wait_ms / count:.1f} ms, the callable around "
+            f"them {around_ms / count:.1f} ms, engine idle before it {statistics.fmean(idle) if idle else 0.0:.1f} ms; engine busy {engine_ms / (10 * (ended - started)):.0f} % of the round; "
             f"sizes in order: {' '.join(str(batch.requests) for batch in inside)}")  # fmt: skip
 
 

@@ -90,13 +90,14 @@ def test_parallelism_the_model_cannot_take_is_refused(tiny_checkpoint: Path, tp:
         (["--checkpoint", "/nonexistent/ckpt"], "checkpoint path /nonexistent/ckpt does not exist"),
         (["--tp", "3"], "--tp 3 does not divide"),
         (["--frontend-processes", "-1"], "--frontend-processes must be 0 (one per 4 CPU cores) or more"),
+        (["--triton-instances", "0"], "--triton-instances must be at least 1"),
         pytest.param(["--device", "cuda"], "no CUDA GPU is visible; use --device cpu", id="no-gpu",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible here")),
         (["--device", "cpu", "--cuda-graphs", "on"], "--cuda-graphs on needs a CUDA device"),
         pytest.param(["--cuda-graphs", "on"], "--cuda-graphs on needs a CUDA device", id="graphs-without-gpu",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible here")),
     ],
-    ids=["missing-checkpoint", "bad-tp", "negative-frontend-processes", "no-gpu", "graphs-on-cpu", "graphs-without-gpu"],
+    ids=["missing-checkpoint", "bad-tp", "negative-frontend-processes", "no-triton-instance", "no-gpu", "graphs-on-cpu", "graphs-without-gpu"],
 )
 def test_server_command_refuses_bad_input_quickly(tiny_checkpoint: Path, args: list[str], message: str) -> None:
     command = [sys.executable, "-m", "pytest_mtserve.server", "--checkpoint", str(tiny_checkpoint), *args]
@@ -133,7 +134,7 @@ def test_the_ranks_command_line_carries_every_option() -> None:
 
     argv = ["--checkpoint", "/ckpt", "--tp", "2", "--max-batch-size", "16", "--inference-max-seq-length", "512",
             "--host", "0.0.0.0", "--port", "9000", "--triton-port", "9001", "--model-name", "m", "--device", "cpu",
-            "--dtype", "bfloat16", "--attention-backend", "sdpa", "--queue-delay-us", "10", "--request-timeout", "5",
+            "--dtype", "bfloat16", "--attention-backend", "sdpa", "--queue-delay-us", "10", "--triton-instances", "1", "--request-timeout", "5",
             "--frontend-processes", "3", "--cuda-graphs", "off", "--log-batches"]  # fmt: skip
     options = parse_server_options(argv)
     defaults = parse_server_options(["--checkpoint", "/ckpt"])

@@ -100,6 +100,7 @@ def _lead(rank, options: ServerOptions) -> None:
         rank.leader.run_batch,
         max_batch_size=options.max_batch_size,
         queue_delay_us=options.queue_delay_us,
+        instances=options.triton_instances,
         http_port=options.triton_port,
         batch_log=BatchLog() if options.log_batches else None,
     )

@@ -33,6 +33,7 @@ class ServerOptions:
     request_timeout: float
     frontend_processes: int = 0  # 0: default_frontend_processes()
     cuda_graphs: str = "auto"  # see uses_cuda_graphs()
+    triton_instances: int = 2
     log_batches: bool = False
 
     @property
@@ -74,6 +75,9 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--queue-delay-us", type=int, default=2000,
                         help="how long Triton waits to fill a batch, in microseconds (default: 2000; a client "
                              "that keeps two batches in flight fills them at 100000, as the plugin passes)")
+    parser.add_argument("--triton-instances", type=int, default=2, metavar="N",
+                        help="Triton model instances handing batches to the engine in turn: with 2, the "
+                             "next batch reaches the engine's process while one runs, not after it (default: 2)")
     parser.add_argument("--request-timeout", type=float, default=600.0,
                         help="seconds the HTTP front end waits for Triton per request (default: 600)")
     parser.add_argument("--frontend-processes", type=int, default=0, metavar="N",
@@ -93,7 +97,7 @@ def parse_server_options(argv: list[str] | None = None, prog: str = "mtserve ser
 
 
 def options_from_namespace(args: argparse.Namespace, parser: argparse.ArgumentParser) -> ServerOptions:
-    for name in ("tp", "pp", "max_batch_size", "inference_max_seq_length"):
+    for name in ("tp", "pp", "max_batch_size", "inference_max_seq_length", "triton_instances"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.frontend_processes < 0:
@@ -113,7 +117,8 @@ def to_argv(options: ServerOptions) -> list[str]:
         "--host", options.host, "--port", str(options.port), "--triton-port", str(options.triton_port),
         "--model-name", options.model_name, "--device", options.device, "--dtype", options.dtype,
         "--attention-backend", options.attention_backend,
-        "--queue-delay-us", str(options.queue_delay_us), "--request-timeout", str(options.request_timeout),
+        "--queue-delay-us", str(options.queue_delay_us), "--triton-instances", str(options.triton_instances),
+        "--request-timeout", str(options.request_timeout),
         "--frontend-processes", str(options.frontend_processes), "--cuda-graphs", options.cuda_graphs,
         *(["--log-batches"] if options.log_batches else []),
     ]
