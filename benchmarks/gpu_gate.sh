@@ -6,7 +6,8 @@
 # per-question outcomes must repeat exactly, so the gate passes with no discordant pairs.
 # Without CHECKPOINT the tiny test checkpoint is written to WORKDIR. GATE_BENCHMARKS and
 # GATE_LIMITS override --benchmarks / --limit-samples (DATASETS must hold their data);
-# GATE_DEVICE=cpu makes it a dry run without a GPU.
+# GATE_PARALLELISM sets --parallelism (default 16; "default" leaves the plugin's own, two
+# batches in flight). GATE_DEVICE=cpu makes it a dry run without a GPU.
 set -euo pipefail
 server_python="$1" eval_python="$2" datasets="$3" work="$4"
 checkpoint="${5:-$work/tiny}"
@@ -16,7 +17,8 @@ suite=("$eval_python" -m pytest --pyargs pytest_mtserve.suite -p no:cacheprovide
        "--checkpoint=$checkpoint" --device "${GATE_DEVICE:-cuda}" "--server-python=$server_python"
        "--datasets-dir=$datasets" "--baselines-dir=$work/baselines"
        --benchmarks "${GATE_BENCHMARKS:-arc_challenge,arc_easy,mmlu}"
-       --limit-samples "${GATE_LIMITS:-300,mmlu=2}" --parallelism 16)
+       --limit-samples "${GATE_LIMITS:-300,mmlu=2}")
+[ "${GATE_PARALLELISM:-16}" = default ] || suite+=(--parallelism "${GATE_PARALLELISM:-16}")
 "${suite[@]}" --update-baselines "--mtserve-report=$work/record.json"
 "${suite[@]}" -n 2 "--mtserve-report=$work/gate.json"
 "$eval_python" - "$work/record.json" "$work/gate.json" <<'EOF'

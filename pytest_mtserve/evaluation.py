@@ -370,16 +370,26 @@ class HarnessLog:
         self._started = time.monotonic()
         self._last_report = -math.inf
         self._pending = ""  # the line being drawn: tqdm ends it with the next \r or \n
+        self._pending_at = 0.0  # when its last text came: what it shows was true then
         self.first_request_at: float | None = None  # seconds after start
 
     def write(self, text: str) -> int:
+        now = time.monotonic() - self._started
         self._file.write(text)
-        # Only finished lines are parsed, so a bar split across writes is read once, whole.
-        *finished, self._pending = re.split(r"[\r\n]", self._pending + text)
-        for line in finished:
+        # Only finished lines are parsed, so a bar split across writes is read once, whole. A
+        # bar is finished by the next one's \r, which may come much later (at the end, when
+        # requests are fast): it is dated by its own text, not by the \r.
+        first, *rest = re.split(r"[\r\n]", text)
+        if not rest:
+            self._pending += first
+            self._pending_at = now if first else self._pending_at
+            return len(text)
+        finished = [(self._pending + first, now if first else self._pending_at), *((line, now) for line in rest[:-1])]
+        self._pending, self._pending_at = rest[-1], now
+        for line, at in finished:
             counts = self._PROGRESS.search(line)
             if counts:
-                self._on_progress(int(counts[1]), int(counts[2]))
+                self._on_progress(int(counts[1]), int(counts[2]), at)
         return len(text)
 
     def flush(self) -> None:
@@ -394,8 +404,7 @@ class HarnessLog:
         cleaned = [line.rsplit("\r", 1)[-1] for line in text.splitlines()]
         return "\n".join(cleaned[-lines:])
 
-    def _on_progress(self, done: int, total: int) -> None:
-        now = time.monotonic() - self._started
+    def _on_progress(self, done: int, total: int, now: float) -> None:
         if self.first_request_at is None:
             self.first_request_at = now
         if self._progress and (now - self._last_report >= PROGRESS_INTERVAL_S or done == total):

@@ -175,21 +175,35 @@ def test_endpoint_urls() -> None:
 
 
 def test_harness_log_reports_progress_at_most_every_interval(tmp_path, monkeypatch) -> None:
-    clock = iter([0.0, 1.0, 2.0, 15.0, 16.0])  # start, then one tick per finished bar
+    clock = iter([0.0, 1.0, 2.0, 3.0, 4.0, 15.0, 16.0])  # start, then one tick per write
     monkeypatch.setattr("pytest_mtserve.evaluation.time.monotonic", lambda: next(clock))
     lines: list[str] = []
     log = HarnessLog(tmp_path / "h.log", lines.append)
     log.write("loading tasks\r\n")
-    log.write("\rRequesting API:   0%|   | 0/100 [00:00<?, ?it/s]")
-    log.write("\rRequesting API:  10%|#  | 10/100 [00:01<00:09, 10it/s]")  # 0/100 done: t=1
-    log.write("\rRequesting API:  50%|#  | 5")  # 10/100 done at t=2: too soon to report
-    log.write("0/100 [00:13<00:13, 4it/s]\rRequesting API: 100%|###| 100/100 [00:20<00:00, 5it/s]")
-    log.write("\n")  # the last bar is finished by tqdm's closing newline: t=16
+    log.write("\rRequesting API:   0%|   | 0/100 [00:00<?, ?it/s]")  # drawn at t=2
+    log.write("\rRequesting API:  10%|#  | 10/100 [00:01<00:09, 10it/s]")  # 0/100 finished, dated t=2
+    log.write("\rRequesting API:  50%|#  | 5")  # 10/100 dated t=3: too soon to report
+    log.write("0/100 [00:13<00:13, 4it/s]\rRequesting API: 100%|###| 100/100 [00:20<00:00, 5it/s]")  # t=15
+    log.write("\n")  # tqdm's closing newline at t=16 finishes the last bar, drawn at t=15
     log.close()
-    assert log.first_request_at == 1.0
+    assert log.first_request_at == 2.0
     assert lines == [
         "requests 0/100 (0%), inference started",
-        "requests 50/100 (50%), 3.6 req/s, 14 s left",
-        "requests 100/100 (100%), 6.7 req/s",
+        "requests 50/100 (50%), 3.8 req/s, 13 s left",
+        "requests 100/100 (100%), 7.7 req/s",
     ]
     assert log.tail().endswith("100/100 [00:20<00:00, 5it/s]")
+
+
+def test_harness_log_dates_a_bar_by_its_drawing_not_by_the_next_one(tmp_path, monkeypatch) -> None:
+    """Fast requests: tqdm draws 0/N at the start and N/N at the end, nothing between; the 0/N
+    line is finished only by the N/N one's \r, yet inference started when it was drawn."""
+    clock = iter([0.0, 5.0, 9.0, 9.0])
+    monkeypatch.setattr("pytest_mtserve.evaluation.time.monotonic", lambda: next(clock))
+    lines: list[str] = []
+    log = HarnessLog(tmp_path / "h.log", lines.append)
+    log.write("\rRequesting API:   0%|   | 0/800 [00:00<?, ?it/s]")
+    log.write("\rRequesting API: 100%|###| 800/800 [00:04<00:00, 200it/s]")
+    log.write("\n")
+    log.close()
+    assert lines == ["requests 0/800 (0%), inference started", "requests 800/800 (100%), 200.0 req/s"]

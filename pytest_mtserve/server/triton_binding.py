@@ -6,7 +6,7 @@ JSON bytes, so rows of different lengths share a dynamic batch without padding e
 Triton runs several instances of the model, each handing its batches to the one engine in
 turn: while the engine runs a batch, the next one already crosses from tritonserver into
 this process and is decoded, instead of the engine waiting idle for that trip after each
-batch (~30 ms per batch of 32 on an H200 host, docs/performance.md).
+batch (25-28 ms per batch of 32 at 8B on an H200 host, docs/performance.md).
 """
 
 from __future__ import annotations
