@@ -85,8 +85,9 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
                              "building responses take a core each; 0 picks one per 4 CPU cores, "
                              "at most 4 (default: 0)")
     parser.add_argument("--log-batches", action="store_true",
-                        help="print a line per batch to stderr: its requests, the engine's and the "
-                             "Triton callable's milliseconds and the idle time before it, to tune "
+                        help="print a line per batch to stderr: its requests, the milliseconds of the "
+                             "engine's run, of its wait for the engine and of the Triton callable, and "
+                             "the engine's idle time before it, to tune "
                              "--max-batch-size, --queue-delay-us and the requests in flight")
 
 
