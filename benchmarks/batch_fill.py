@@ -17,6 +17,7 @@ last lines are each setup's requests per second as a ratio to the first setup's.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import multiprocessing
 import statistics
 import sys
@@ -36,11 +37,20 @@ from pytest_mtserve.server.work import WorkItem, WorkResult  # noqa: E402
 
 MODEL = "sleeping-engine"
 # lm-eval's log-likelihood request; ~270 tokens of the tiny tokenizer, an MMLU prompt's length
+LAUNCH_BYTES = bytes(4096)
 BODY = {"model": MODEL, "prompt": "the answer is " * 90, "temperature": 0, "max_tokens": 1, "logprobs": 1, "echo": True}
 
 
-def sleeping_engine(base_s: float, per_request_s: float):
+def sleeping_engine(base_s: float, per_request_s: float, launches: int):
+    """Issues ``launches`` GPU kernel launches' worth of Python, a few microseconds holding the
+    GIL each, then a call that lets it go, as a torch op does; then sleeps ``base_s`` plus
+    ``per_request_s`` per request, the GPU's time. Another thread busy in Python makes each
+    launch take the GIL back later, as rank 0's other threads do to an eager engine."""
+
     def run_batch(items: list[WorkItem]) -> list[WorkResult]:
+        for _ in range(launches):  # ~8 us each alone
+            sum(range(40))
+            hashlib.md5(LAUNCH_BYTES)  # lets the GIL go (hashlib does above 2 kB), as an op's C++ does
         time.sleep(base_s + per_request_s * len(items))
         return [echoed_result(len(item.prompt_tokens)) for item in items]
 
@@ -66,7 +76,7 @@ class Stack:
         self.name = f"queue delay {delay_us:>6} us, {instances} instance{'s' if instances > 1 else ''}"
         self.log_path = scratch / f"batches-{delay_us}-{instances}.log"
         log = stack.enter_context(self.log_path.open("w"))
-        engine = sleeping_engine(args.engine_ms / 1e3, args.engine_ms_per_request / 1e3)
+        engine = sleeping_engine(args.engine_ms / 1e3, args.engine_ms_per_request / 1e3, args.engine_launches)
         triton = TritonEngineServer(engine, max_batch_size=args.batch, queue_delay_us=delay_us, instances=instances,
                                     batch_log=BatchLog(log))  # fmt: skip
         triton.start()
@@ -100,6 +110,9 @@ def main() -> None:
     parser.add_argument("--frontend-processes", type=int, default=2)
     parser.add_argument("--engine-ms", type=float, default=60.0, help="the engine's time per batch (default: 60)")
     parser.add_argument("--engine-ms-per-request", type=float, default=1.5, help="and per request in it (default: 1.5)")
+    parser.add_argument("--engine-launches", type=int, default=0,
+                        help="kernel launches' worth of Python each batch starts with, the GIL let go between "
+                             "them (default: 0, the engine only sleeps)")
     args = parser.parse_args()
     setups = args.setups.split(",")
     rates: dict[str, list[float]] = {setup: [] for setup in setups}
@@ -114,9 +127,10 @@ def main() -> None:
                 rates[server.setup].append(rate)
                 sizes = [batch.requests for batch in batches]
                 idle = [batch.idle_ms for batch in batches[1:] if batch.idle_ms is not None]
+                engine_ms = statistics.fmean(batch.engine_ms for batch in batches)
                 print(f"{server.name}, round {round_index + 1}: {rate:6.1f} requests/s, {len(sizes)} batches of "
-                      f"{statistics.fmean(sizes):.1f} on average (at most {args.batch}), the engine idle "
-                      f"{statistics.fmean(idle) if idle else 0.0:.1f} ms before each; "
+                      f"{statistics.fmean(sizes):.1f} on average (at most {args.batch}), the engine {engine_ms:.1f} ms "
+                      f"on each and idle {statistics.fmean(idle) if idle else 0.0:.1f} ms before it; "
                       f"sizes {' '.join(map(str, sizes[:24]))}{' ...' if len(sizes) > 24 else ''}")  # fmt: skip
     first = max(rates[setups[0]])
     for server in stacks[1:]:
