@@ -36,8 +36,8 @@ from pytest_mtserve.server.triton_binding import TritonEngineServer  # noqa: E40
 from pytest_mtserve.server.work import WorkItem, WorkResult  # noqa: E402
 
 MODEL = "sleeping-engine"
+LAUNCH_BYTES = bytes(4096)  # what a kernel launch of --engine-launches hashes
 # lm-eval's log-likelihood request; ~270 tokens of the tiny tokenizer, an MMLU prompt's length
-LAUNCH_BYTES = bytes(4096)
 BODY = {"model": MODEL, "prompt": "the answer is " * 90, "temperature": 0, "max_tokens": 1, "logprobs": 1, "echo": True}
 
 

@@ -18,7 +18,8 @@ suite=("$eval_python" -m pytest --pyargs pytest_mtserve.suite -p no:cacheprovide
        "--datasets-dir=$datasets" "--baselines-dir=$work/baselines"
        --benchmarks "${GATE_BENCHMARKS:-arc_challenge,arc_easy,mmlu}"
        --limit-samples "${GATE_LIMITS:-300,mmlu=2}")
-[ "${GATE_PARALLELISM:-16}" = default ] || suite+=(--parallelism "${GATE_PARALLELISM:-16}")
+parallelism="${GATE_PARALLELISM:-16}"
+[ "$parallelism" = default ] || suite+=(--parallelism "$parallelism")
 "${suite[@]}" --update-baselines "--mtserve-report=$work/record.json"
 "${suite[@]}" -n 2 "--mtserve-report=$work/gate.json"
 "$eval_python" - "$work/record.json" "$work/gate.json" <<'EOF'

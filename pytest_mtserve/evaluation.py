@@ -381,8 +381,8 @@ class HarnessLog:
         # requests are fast): it is dated by its own text, not by the \r.
         first, *rest = re.split(r"[\r\n]", text)
         if not rest:
-            self._pending += first
-            self._pending_at = now if first else self._pending_at
+            if first:
+                self._pending, self._pending_at = self._pending + first, now
             return len(text)
         finished = [(self._pending + first, now if first else self._pending_at), *((line, now) for line in rest[:-1])]
         self._pending, self._pending_at = rest[-1], now
