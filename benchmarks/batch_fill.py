@@ -23,6 +23,7 @@ import statistics
 import sys
 import tempfile
 import time
+from array import array
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from pytest_mtserve.server.batch_log import BatchLog, BatchTimes, parse_batch_li
 from pytest_mtserve.server.frontend_process import FrontEndProcesses, FrontEndSettings  # noqa: E402
 from pytest_mtserve.server.tiny_tokenizer import build_tiny_tokenizer  # noqa: E402
 from pytest_mtserve.server.triton_binding import TritonEngineServer  # noqa: E402
-from pytest_mtserve.server.work import WorkItem, WorkResult  # noqa: E402
+from pytest_mtserve.server.work import TopLogprobTable, WorkItem, WorkResult  # noqa: E402
 
 MODEL = "sleeping-engine"
 LAUNCH_BYTES = bytes(4096)  # what a kernel launch of --engine-launches hashes
@@ -58,11 +59,11 @@ def sleeping_engine(base_s: float, per_request_s: float, launches: int):
 
 
 def echoed_result(prompt_length: int) -> WorkResult:
-    """What a log-likelihood request (echo, logprobs 1, max_tokens 1) gets back."""
+    """What a log-likelihood request (echo, logprobs 1, max_tokens 1) gets back, in the engine's form."""
+    scored = prompt_length - 1
+    top = TopLogprobTable.of_positions(array("i", [7] * scored).tobytes(), array("d", [-0.5] * scored).tobytes(), scored, first_missing=True)
     return WorkResult(
-        output_tokens=[5], finish_reason="length",
-        prompt_logprobs=[None] + [-1.25] * (prompt_length - 1),
-        prompt_top_logprobs=[None] + [{7: -0.5}] * (prompt_length - 1),
+        output_tokens=[5], finish_reason="length", prompt_logprobs=[None] + [-1.25] * scored, prompt_top_logprobs=top,
         output_logprobs=[-1.0], output_top_logprobs=[{5: -1.0}],
     )  # fmt: skip
 

@@ -5,9 +5,11 @@ logprobs=1, prompts of varied length, in lm-eval's order) goes (a) straight into
 ``InferenceEngine.run`` in batches of ``--max-batch-size`` (the best batches Triton could
 form), with shared prefixes packed as the server does and without, and (b) through a real
 server (FastAPI -> PyTriton -> engine) from ``--clients`` concurrent keep-alive HTTP
-clients. Warm-up requests are excluded from all. Throughput counts every request's prompt
-tokens, whether a shared prefix was computed once or not. The last line printed is served
-over direct.
+clients; then (a) again in the batches each served round formed, which split some
+questions' choices apart (their context then runs twice): served over that is the serving
+stack's own cost. Warm-up requests are excluded from all. Throughput counts every request's
+prompt tokens, whether a shared prefix was computed once or not. The last line printed is
+served over direct.
 
     python benchmarks/serving_overhead.py [--checkpoint RUN_DIR] [--requests 384]
     python benchmarks/serving_overhead.py --device cuda --shape llama3-8b --peer-python python3
@@ -33,6 +35,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
+from itertools import accumulate
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -132,6 +135,13 @@ def in_batches(requests: Sequence[ScoringRequest], batch_size: int) -> list[Sequ
     return [requests[i : i + batch_size] for i in range(0, len(requests), batch_size)]
 
 
+def in_sized_batches(requests: Sequence[ScoringRequest], sizes: Sequence[int]) -> list[Sequence[ScoringRequest]]:
+    """Consecutive batches of ``sizes`` in stream order: the batches a served round formed, as
+    near as the clients' order tells (they send in stream order, answers come back per batch)."""
+    starts = [0, *accumulate(sizes)]
+    return [requests[start:end] for start, end in zip(starts, starts[1:])]
+
+
 def total_tokens(requests: Sequence[ScoringRequest]) -> int:
     return sum(len(r.token_ids) for r in requests)
 
@@ -167,21 +177,21 @@ def direct_scorers(checkpoint: Path, args: argparse.Namespace, tokenizer: Server
     return {"direct": scorer(True), "direct, unshared": scorer(False)}
 
 
-def model_tokens_per_scored_token(requests: Sequence[ScoringRequest], batch_size: int) -> float:
-    """Tokens the packed prefills run per prompt token scored, in batches of ``batch_size``."""
+def model_tokens_per_scored_token(batches: Sequence[Sequence[ScoringRequest]]) -> float:
+    """Tokens the packed prefills run per prompt token scored, in ``batches``: a question's
+    context is computed once per batch that holds any of its choices."""
     from pytest_mtserve.server.shared_prefix import pack_prompts
 
-    packed = sum(len(pack) for batch in in_batches(requests, batch_size) for pack in pack_prompts([r.token_ids for r in batch]))
-    return packed / total_tokens(requests)
+    packed = sum(len(pack) for batch in batches for pack in pack_prompts([r.token_ids for r in batch]))
+    return packed / sum(total_tokens(batch) for batch in batches)
 
 
-def measure_direct(score: Callable, requests: Sequence[ScoringRequest], batch_size: int) -> Throughput:
-    batches = in_batches(requests, batch_size)
+def measure_direct(score: Callable, batches: Sequence[Sequence[ScoringRequest]]) -> Throughput:
     started, cpu_started = time.perf_counter(), time.process_time()
     for batch in batches:
         score(batch)
     cpu = {"engine": time.process_time() - cpu_started}
-    return Throughput(total_tokens(requests), time.perf_counter() - started, cpu)
+    return Throughput(sum(total_tokens(batch) for batch in batches), time.perf_counter() - started, cpu)
 
 
 # --- (b) through the HTTP stack ---------------------------------------------------------------
@@ -333,14 +343,14 @@ def run(args: argparse.Namespace, checkpoint: Path, scratch: Path) -> float:
     lengths = [len(r.token_ids) for r in timed]
     print(f"stream ({args.stream}, lm-eval's order): {len(timed)} requests, {total_tokens(timed)} prompt tokens, length "
           f"min {min(lengths)} / median {int(statistics.median(lengths))} / max {max(lengths)}; packed prefills run "
-          f"{model_tokens_per_scored_token(timed, args.max_batch_size):.3f} tokens per scored token in batches of {args.max_batch_size}")  # fmt: skip
+          f"{model_tokens_per_scored_token(in_batches(timed, args.max_batch_size)):.3f} tokens per scored token in batches of {args.max_batch_size}")  # fmt: skip
 
     server = start_server_for(checkpoint, scratch, args)
     clients = HttpClients(server.url, server.model, args.clients, args.client_processes)
     try:
         scorers = direct_scorers(checkpoint, args, tokenizer)
         for score in scorers.values():
-            measure_direct(score, warmup, args.max_batch_size)
+            measure_direct(score, in_batches(warmup, args.max_batch_size))
         clients.measure(server.pid, warmup)
         difference = max(
             largest_difference(served_logprobs(server.url, server.model, r), scorer([r])[0])
@@ -357,7 +367,7 @@ def run(args: argparse.Namespace, checkpoint: Path, scratch: Path) -> float:
         served_rounds: list[tuple[float, float]] = []  # time.monotonic(), the clock of the server's batch log
         for round_index in range(args.rounds):  # interleaved, so drift on a shared machine hits all alike
             for name, score in scorers.items():
-                runs[name].append(measure_direct(score, timed, args.max_batch_size))
+                runs[name].append(measure_direct(score, in_batches(timed, args.max_batch_size)))
             with profiled_round(args, server.pid, round_index):
                 started = time.monotonic()
                 runs["served"].append(clients.measure(server.pid, timed))
@@ -368,8 +378,27 @@ def run(args: argparse.Namespace, checkpoint: Path, scratch: Path) -> float:
     batches = parse_batch_lines(server.log_path.read_text(errors="replace").splitlines())
     for round_index, (started, ended) in enumerate(served_rounds):
         print(f"served round {round_index + 1}, the server's batches: {summarize_batches(batches, started, ended, args.max_batch_size)}")
+    runs["direct, served batches"] = measure_served_batches(scorers["direct"], timed, batches, served_rounds)
     peer = run_peer(args, checkpoint, scratch) if args.peer_python else None
     return report(runs, peer, args)
+
+
+def measure_served_batches(
+    score: Scorer, timed: Sequence[ScoringRequest], batches: Sequence[BatchTimes], served_rounds: Sequence[tuple[float, float]]
+) -> list[Throughput]:
+    """Direct scoring in the batches each served round formed: a batch boundary inside a
+    question computes its context twice, which direct's aligned batches of the stream never
+    do, so this separates that cost from the serving stack's own."""
+    measured = []
+    for round_index, (started, ended) in enumerate(served_rounds):
+        sizes = [batch.requests for batch in batches if started <= batch.left <= ended]
+        if sum(sizes) != len(timed):
+            print(f"served round {round_index + 1}: its batches hold {sum(sizes)} of {len(timed)} requests; not rerun direct")
+            continue
+        served_batches = in_sized_batches(timed, sizes)
+        print(f"served round {round_index + 1}: packed prefills run {model_tokens_per_scored_token(served_batches):.3f} tokens per scored token in its batches")
+        measured.append(measure_direct(score, served_batches))
+    return measured
 
 
 def summarize_batches(batches: Sequence[BatchTimes], started: float, ended: float, max_batch_size: int) -> str:
@@ -423,6 +452,7 @@ def run_peer(args: argparse.Namespace, checkpoint: Path, scratch: Path) -> dict[
 
 def report(runs: dict[str, list[Throughput]], peer: dict[str, float] | None, args: argparse.Namespace) -> float:
     """Scored prompt tokens per second: every request's tokens count, computed once or not."""
+    runs = {name: measured for name, measured in runs.items()}
     for name, measured in runs.items():
         label = f"served ({args.clients} clients in {args.client_processes} processes)" if name == "served" else name
         print(f"{label:<20} tokens/s per round: {', '.join(f'{t.tokens_per_s:,.0f}' for t in measured)}")
@@ -433,11 +463,14 @@ def report(runs: dict[str, list[Throughput]], peer: dict[str, float] | None, arg
                 print(f"{'':<20} round {round_index + 1}: each front end's % of the front ends' CPU: {shares}")
     best = {name: max(t.tokens_per_s for t in measured) for name, measured in runs.items()}
     for name, rate in best.items():
-        print(f"{name} (best round): {rate:,.0f} tokens/s" + ("" if name == "served" else f" (batches of {args.max_batch_size})"))
+        batches = f" (batches of {args.max_batch_size})" if name in ("direct", "direct, unshared") else ""
+        print(f"{name} (best round): {rate:,.0f} tokens/s{batches}")
     print(f"direct / direct, unshared = {best['direct'] / best['direct, unshared']:.3f}")
     for mode, rate in (peer or {}).items():
         print(f"Hugging Face transformers in-process, {mode} (best round): {rate:,.0f} tokens/s (batches of {args.max_batch_size})")
         print(f"served / transformers, {mode} = {best['served'] / rate:.3f}")
+    if "direct, served batches" in best:
+        print(f"served / direct, served batches = {best['served'] / best['direct, served batches']:.3f} (the serving stack alone)")
     ratio = best["served"] / best["direct"]
     print(f"served / direct = {ratio:.3f}")
     return ratio

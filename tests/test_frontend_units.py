@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from array import array
 from pathlib import Path
 
 import httpx
@@ -23,7 +24,7 @@ from pytest_mtserve.server.triton_binding import (
     TritonUnavailableError,
     _work_result,
 )
-from pytest_mtserve.server.work import WorkItem, WorkResult
+from pytest_mtserve.server.work import TopLogprobTable, WorkItem, WorkResult
 
 
 
@@ -184,6 +185,20 @@ def test_work_results_cross_the_wire_exactly() -> None:
     )
     assert WorkResult.from_json(result.to_json()) == result
     assert WorkResult.from_json(WorkResult(output_tokens=[], finish_reason="length").to_json()).prompt_logprobs is None
+
+
+def test_a_table_filled_from_arrays_reads_and_crosses_the_wire_as_its_dicts() -> None:
+    """Rank 0's form of a prompt's alternatives (flat arrays, as the engine reads them off the
+    GPU) is the same sequence of dicts, indexed, sliced and sent."""
+    ids, values = array("i", [5, 9, 2, 131_071]), array("d", [-0.25, -1e-300, -0.5, -7.0])
+    table = TopLogprobTable.of_positions(ids.tobytes(), values.tobytes(), 2, first_missing=True)
+    entries = [None, {5: -0.25, 9: -1e-300}, {2: -0.5, 131_071: -7.0}]
+    assert list(table) == entries and len(table) == 3
+    assert [table[i] for i in range(-3, 3)] == entries * 2 and table[1:] == entries[1:]
+    assert list(TopLogprobTable.of_positions(b"", b"", 3, first_missing=False)) == [{}, {}, {}]
+    result = WorkResult(output_tokens=[1], finish_reason="length", prompt_logprobs=[None, -1.0, -2.0], prompt_top_logprobs=table)
+    assert WorkResult.from_json(result.to_json()).prompt_top_logprobs == entries
+    assert result.to_json() == WorkResult(**{**vars(result), "prompt_top_logprobs": entries}).to_json()
 
 
 def test_a_failed_batch_reaches_the_front_end_as_its_error() -> None:

@@ -30,7 +30,7 @@ from pytest_mtserve.server.batch_split import split_by_length
 from pytest_mtserve.server.model_runner import ModelRunner
 from pytest_mtserve.server.sampling import choose_token, row_generator, top_logprobs
 from pytest_mtserve.server.shared_prefix import Pack, pack_prompts
-from pytest_mtserve.server.work import WorkItem, WorkResult
+from pytest_mtserve.server.work import TopLogprobTable, WorkItem, WorkResult
 
 # Rank 0 passes the tokens it chose (None for finished rows); other ranks receive them.
 ShareTokens = Callable[[list[int | None] | None], list[int | None]]
@@ -134,16 +134,21 @@ class InferenceEngine:
         """Each row's prompt log-probs and top alternatives, read at ``member_slots`` of
         ``logits`` ([slots, vocab]; the rows ask for the same number of alternatives)."""
         logprobs = torch.log_softmax(logits.float(), dim=-1)
-        top = top_logprobs(logprobs, rows[0].item.logprobs)
-        scored = [slot for slots in member_slots for slot in slots[:-1]]
-        targets = [token for row in rows for token in row.item.prompt_tokens[1:]]
         index = {"dtype": torch.long, "device": logprobs.device}  # long even when empty (one-token prompts)
-        values = logprobs[torch.tensor(scored, **index), torch.tensor(targets, **index)].tolist()
+        scored = torch.tensor([slot for slots in member_slots for slot in slots[:-1]], **index)
+        targets = torch.tensor([token for row in rows for token in row.item.prompt_tokens[1:]], **index)
+        values = logprobs[scored, targets].tolist()
+        top_values, top_ids = torch.topk(logprobs, rows[0].item.logprobs, dim=-1)
+        # The alternatives leave the GPU as two arrays, never a Python object per position.
+        top_ids = top_ids[scored].to(torch.int32).cpu().numpy()
+        top_values = top_values[scored].double().cpu().numpy()
         start = 0
         for row, slots in zip(rows, member_slots):
             end = start + len(slots) - 1
             row.result.prompt_logprobs = [None] + values[start:end]
-            row.result.prompt_top_logprobs = [None] + [top[slot] for slot in slots[:-1]]
+            row.result.prompt_top_logprobs = TopLogprobTable.of_positions(
+                top_ids[start:end].tobytes(), top_values[start:end].tobytes(), end - start, first_missing=True
+            )
             start = end
 
     def _run_group(self, rows: list[_Row], errors: list[Exception]) -> None:
