@@ -35,8 +35,8 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from itertools import accumulate
 from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
@@ -452,7 +452,7 @@ def run_peer(args: argparse.Namespace, checkpoint: Path, scratch: Path) -> dict[
 
 def report(runs: dict[str, list[Throughput]], peer: dict[str, float] | None, args: argparse.Namespace) -> float:
     """Scored prompt tokens per second: every request's tokens count, computed once or not."""
-    runs = {name: measured for name, measured in runs.items()}
+    runs = {name: measured for name, measured in runs.items() if measured}  # a rerun may have had no round to rerun
     for name, measured in runs.items():
         label = f"served ({args.clients} clients in {args.client_processes} processes)" if name == "served" else name
         print(f"{label:<20} tokens/s per round: {', '.join(f'{t.tokens_per_s:,.0f}' for t in measured)}")

@@ -98,7 +98,7 @@ class TopLogprobTable(Sequence["TopLogprobs | None"]):
         return cls(array("i", [-1]) + counts if first_missing else counts, ids, array("d", values))
 
     def packed(self) -> dict[str, str]:
-        return {"counts": _encoded(self.counts), "token_ids": _encoded(self.token_ids), "values": _encoded(self.values)}
+        return {key: _encoded(getattr(self, key)) for _, key in _TABLE_ARRAYS}
 
     @classmethod
     def unpacked(cls, packed: dict[str, str]) -> TopLogprobTable:
