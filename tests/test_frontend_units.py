@@ -121,6 +121,91 @@ def test_triton_on_busy_port_fails_fast_naming_it(listener: int) -> None:
     assert time.monotonic() - started < 5
 
 
+# What PyTriton's model load answers when the second instance lost the handshake race
+# (the real text, trimmed; reproduced with a bound, not yet listening handshake socket).
+LOST_HANDSHAKE = (
+    "load failed for model 'mtserve_engine': version 1 is at UNAVAILABLE state: Internal: "
+    "TritonModelException: Model initialize error: Traceback (most recent call last):\n"
+    '  File "/tmp/folderDrhfO9/1/model.py", line 425, in initialize\n'
+    "    inference_handler_config = get_config_from_handshake_server(handshake_socket)\n"
+    '  File "/tmp/folderDrhfO9/1/communication.py", line 550, in get_config_from_handshake_server\n'
+    "    sock.connect(socket_path.as_posix())\n"
+    "ConnectionRefusedError: [Errno 111] Connection refused\n"
+)
+MISSING_MODULE = (
+    "load failed for model 'mtserve_engine': version 1 is at UNAVAILABLE state: Internal: "
+    "ModuleNotFoundError: No module named 'zmq'"
+)
+
+
+class FakeTriton:
+    """pytriton.triton.Triton whose model load fails with the next of ``failures``."""
+
+    def __init__(self, failures: list[str]) -> None:
+        self._failures = failures
+        self.stopped = False
+
+    def run(self) -> None:
+        from tritonclient.utils import InferenceServerException
+
+        if self._failures:
+            raise InferenceServerException(self._failures.pop(0), status="400")
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+@pytest.fixture
+def fake_tritons(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """Make TritonEngineServer start FakeTritons that fail with the given load errors, in
+    order; returns the list of those started."""
+    started: list[FakeTriton] = []
+
+    def install(failures: list[str]) -> list[FakeTriton]:
+        def bound_triton(self, port: int, workspace: Path) -> FakeTriton:
+            started.append(FakeTriton(failures))
+            return started[-1]
+
+        monkeypatch.setattr(TritonEngineServer, "_bound_triton", bound_triton)
+        monkeypatch.setattr(TritonEngineServer, "_workspace_parent", lambda self, home: tmp_path)
+        monkeypatch.setenv("LD_LIBRARY_PATH", "")  # start() rewrites it
+        return started
+
+    return install
+
+
+def test_a_load_that_lost_the_handshake_race_is_retried_once(fake_tritons, caplog) -> None:
+    started = fake_tritons([LOST_HANDSHAKE])
+    server = TritonEngineServer(lambda items: [], max_batch_size=2, queue_delay_us=100)
+    server.start()
+    try:
+        assert len(started) == 2 and started[0].stopped and not started[1].stopped
+        assert server.url.startswith("http://127.0.0.1:")
+        assert "starting Triton once more" in caplog.text
+    finally:
+        server.stop()
+
+
+def test_a_handshake_race_lost_twice_is_a_clear_error(fake_tritons, tmp_path: Path) -> None:
+    started = fake_tritons([LOST_HANDSHAKE, LOST_HANDSHAKE, LOST_HANDSHAKE])
+    server = TritonEngineServer(lambda items: [], max_batch_size=2, queue_delay_us=100)
+    second_failure = "(?s)could not load model 'mtserve_engine' on a second start either: .*ConnectionRefusedError"
+    with pytest.raises(RuntimeError, match=second_failure):
+        server.start()
+    assert len(started) == 2 and all(triton.stopped for triton in started)
+    assert list(tmp_path.iterdir()) == []  # both workspaces removed
+
+
+def test_any_other_load_error_is_not_retried(fake_tritons) -> None:
+    from tritonclient.utils import InferenceServerException
+
+    started = fake_tritons([MISSING_MODULE])
+    server = TritonEngineServer(lambda items: [], max_batch_size=2, queue_delay_us=100)
+    with pytest.raises(InferenceServerException, match="No module named 'zmq'"):
+        server.start()
+    assert len(started) == 1 and started[0].stopped
+
+
 class FakeClient:
     def __init__(self, ready: bool) -> None:
         self.is_ready = ready

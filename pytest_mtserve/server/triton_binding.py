@@ -51,6 +51,14 @@ MAX_UNIX_SOCKET_PATH = 107
 # are a few kB of JSON, which its inline base64 transport carries for ~10 % less server CPU
 # per token (measured on an H200 host, docs/performance.md). Read by both ends at start-up.
 INLINE_TENSORS_VARIABLE = "PYTRITON_NO_TENSORSTORE"
+# Each model instance but the first asks the first one's handshake server for its config
+# (PyTriton 0.7.0 proxy/model.py:425). It connects as soon as the socket file exists
+# (proxy/communication.py:545-550), but asyncio creates that file on bind() and listens
+# only afterwards (asyncio/unix_events.py:317, base_events.py:315): a connection in between
+# is refused. It also gives up if the file takes over 1 s to appear. Only a loaded machine
+# is that slow at start-up; a start in a fresh workspace passes.
+HANDSHAKE_FUNCTION = "get_config_from_handshake_server"
+HANDSHAKE_RACE_ERRORS = ("ConnectionRefusedError:", "TimeoutError: Timeout occurred while waiting for config file")
 
 
 class TritonUnavailableError(RuntimeError):
@@ -102,6 +110,32 @@ class TritonEngineServer:
         _put_own_libpython_first()
         parent = self._workspace_parent(PYTRITON_HOME)
         parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._run_triton(port, parent)
+        except Exception as error:
+            if not _lost_handshake_race(error):
+                raise
+            LOGGER.warning(
+                "Triton could not load model %r: one of its instances reached PyTriton's handshake "
+                "socket before it listened (a start-up race under load); starting Triton once more",
+                self.triton_model_name,
+            )
+            self._run_again(port, parent)
+        self.url = f"http://{self._host}:{port}"
+
+    def _run_again(self, port: int, parent: Path) -> None:
+        try:
+            self._run_triton(port, parent)
+        except Exception as error:
+            raise RuntimeError(
+                f"Triton could not load model {self.triton_model_name!r} on a second start either: {error}"
+            ) from error
+
+    def _run_triton(self, port: int, parent: Path) -> None:
+        """Start tritonserver in a fresh workspace and load the model; stop it all on failure.
+
+        Fresh, because the first instance's handshake socket file outlives a failed load
+        (Python 3.11's asyncio never removes it), and a reload could be refused on it again."""
         self._workspace_root = Path(tempfile.mkdtemp(prefix=WORKSPACE_PREFIX, dir=parent))
         try:
             self._triton = self._bound_triton(port, self._workspace_root / "workspace")
@@ -109,7 +143,6 @@ class TritonEngineServer:
         except BaseException:
             self.stop()
             raise
-        self.url = f"http://{self._host}:{port}"
 
     def _workspace_parent(self, pytriton_home: Path) -> Path:
         """``PYTRITON_HOME``, or the system's temporary directory where the home's path is
@@ -216,6 +249,18 @@ def _response_rows(outcome: list[WorkResult] | Exception, count: int) -> list[st
     if isinstance(outcome, Exception):
         return [json.dumps({ERROR_KEY: f"the engine failed: {outcome!r}"})] * count
     return [result.to_json() for result in outcome]
+
+
+def _lost_handshake_race(error: Exception) -> bool:
+    """Whether Triton's model load failed only because an instance lost the handshake race."""
+    from tritonclient.utils import InferenceServerException
+
+    text = str(error)
+    return (
+        isinstance(error, InferenceServerException)
+        and HANDSHAKE_FUNCTION in text
+        and any(race_error in text for race_error in HANDSHAKE_RACE_ERRORS)
+    )
 
 
 def _put_own_libpython_first() -> None:
