@@ -7,7 +7,8 @@ form), with shared prefixes packed as the server does and without, and (b) throu
 server (FastAPI -> PyTriton -> engine) from ``--clients`` concurrent keep-alive HTTP
 clients; then (a) again in the batches each served round formed, which split some
 questions' choices apart (their context then runs twice): served over that is the serving
-stack's own cost. Warm-up requests are excluded from all. Throughput counts every request's
+stack's own cost; and (a) in its own batches once more beside those, so that a card that
+warmed up or clocked down in between shows as drift, not as a cost of the batches. Warm-up requests are excluded from all. Throughput counts every request's
 prompt tokens, whether a shared prefix was computed once or not. The last line printed is
 served over direct.
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import random
 import signal
 import statistics
@@ -42,6 +44,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from forward_perf import SHAPES  # noqa: E402
+from profile_threads import format_shares, thread_shares  # noqa: E402
 
 from pytest_mtserve.server.batch_log import BatchTimes, parse_batch_lines  # noqa: E402
 from pytest_mtserve.server.options import ATTENTION_BACKENDS, CUDA_GRAPH_CHOICES  # noqa: E402
@@ -57,6 +60,7 @@ WORDS = (
 CHOICE_LABELS = "ABCD"
 MIN_PROMPT_TOKENS, MAX_PROMPT_TOKENS = 50, 600
 WARMUP_REQUESTS = 32
+SWITCH_INTERVAL_SET = "benchmark: rank 0's switch interval (s)"
 CORRECTNESS_SAMPLE = 8  # served results compared with direct ones, to know both paths agree
 
 
@@ -332,7 +336,30 @@ def start_server_for(checkpoint: Path, log_dir: Path, args: argparse.Namespace):
                               queue_delay_us=queue_delay_for(args.clients, args.max_batch_size))  # as the plugin's
     command = [*server_command(settings), f"--attention-backend={args.attention_backend}", f"--cuda-graphs={args.cuda_graphs}",
                "--log-batches", *args.server_arg]  # fmt: skip
-    return start_server(command, log_dir / "server.log", timeout_s=600)
+    switching = args.server_switch_interval_ms is not None
+    env = switch_interval_env(args.server_switch_interval_ms, log_dir) if switching else None
+    server = start_server(command, log_dir / "server.log", timeout_s=600, env=env)
+    if switching and SWITCH_INTERVAL_SET not in server.log_path.read_text(errors="replace"):
+        server.stop()
+        raise RuntimeError(f"--server-switch-interval-ms did not reach the server's rank 0 (no '{SWITCH_INTERVAL_SET}' in {server.log_path})")
+    return server
+
+
+def switch_interval_env(milliseconds: float, scratch: Path) -> dict[str, str]:
+    """The environment that sets ``sys.setswitchinterval`` in the server's rank 0 only, before it
+    imports anything: how long a thread that wants the GIL waits before forcing a switch. The
+    engine's thread launches kernels while PyTriton's threads in the same process read and write
+    batches; the product keeps Python's default (5 ms) until this is measured on a GPU host."""
+    site = scratch / "switch_interval"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(
+        "import sys\n"
+        "if sys.orig_argv[1:3] == ['-m', 'pytest_mtserve.server']:\n"
+        f"    sys.setswitchinterval({milliseconds / 1000!r})\n"
+        f"    print({SWITCH_INTERVAL_SET!r}, sys.getswitchinterval(), file=sys.stderr, flush=True)\n"
+    )
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{path}" if path else str(site)}
 
 
 def run(args: argparse.Namespace, checkpoint: Path, scratch: Path) -> float:
@@ -379,6 +406,9 @@ def run(args: argparse.Namespace, checkpoint: Path, scratch: Path) -> float:
     for round_index, (started, ended) in enumerate(served_rounds):
         print(f"served round {round_index + 1}, the server's batches: {summarize_batches(batches, started, ended, args.max_batch_size)}")
     runs["direct, served batches"] = measure_served_batches(scorers["direct"], timed, batches, served_rounds)
+    # direct's own batches once more, now beside those reruns: a card that has warmed up or
+    # clocked down since the interleaved rounds shows here, not as a cost of the batches
+    runs["direct, after the server"] = [measure_direct(scorers["direct"], in_batches(timed, args.max_batch_size)) for _ in served_rounds]
     peer = run_peer(args, checkpoint, scratch) if args.peer_python else None
     return report(runs, peer, args)
 
@@ -436,8 +466,13 @@ def profiled_round(args: argparse.Namespace, server_pid: int, round_index: int) 
         yield
     finally:
         recorder.send_signal(signal.SIGINT)
-        recorder.wait(timeout=60)
-        print(f"py-spy profile of served round {round_index} ({kind} threads): {out}")
+        code = recorder.wait(timeout=60)
+        if out.exists():
+            print(f"py-spy profile of served round {round_index} ({kind} threads): {out}; the server process's threads:")
+            with out.open(errors="replace") as profile:
+                print(format_shares(thread_shares(profile, server_pid), top=5) or "  no samples")
+        else:  # py-spy could not attach (no ptrace there?); the round's numbers still count
+            print(f"py-spy wrote no profile of served round {round_index} (exit code {code})")
 
 
 def run_peer(args: argparse.Namespace, checkpoint: Path, scratch: Path) -> dict[str, float]:
@@ -463,7 +498,7 @@ def report(runs: dict[str, list[Throughput]], peer: dict[str, float] | None, arg
                 print(f"{'':<20} round {round_index + 1}: each front end's % of the front ends' CPU: {shares}")
     best = {name: max(t.tokens_per_s for t in measured) for name, measured in runs.items()}
     for name, rate in best.items():
-        batches = f" (batches of {args.max_batch_size})" if name in ("direct", "direct, unshared") else ""
+        batches = f" (batches of {args.max_batch_size})" if name in ("direct", "direct, unshared", "direct, after the server") else ""
         print(f"{name} (best round): {rate:,.0f} tokens/s{batches}")
     print(f"direct / direct, unshared = {best['direct'] / best['direct, unshared']:.3f}")
     for mode, rate in (peer or {}).items():
@@ -471,6 +506,8 @@ def report(runs: dict[str, list[Throughput]], peer: dict[str, float] | None, arg
         print(f"served / transformers, {mode} = {best['served'] / rate:.3f}")
     if "direct, served batches" in best:
         print(f"served / direct, served batches = {best['served'] / best['direct, served batches']:.3f} (the serving stack alone)")
+        print(f"direct, served batches / direct, after the server = "
+              f"{best['direct, served batches'] / best['direct, after the server']:.3f} (the served batches' own cost)")  # fmt: skip
     ratio = best["served"] / best["direct"]
     print(f"served / direct = {ratio:.3f}")
     return ratio
@@ -501,6 +538,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--stream", default="mmlu", choices=STREAMS, help="continuations: letters (mmlu, default) or choice texts (arc)")
     parser.add_argument("--server-arg", action="append", default=[],
                         help="extra server option, repeatable, e.g. --server-arg=--queue-delay-us=500")  # fmt: skip
+    parser.add_argument("--server-switch-interval-ms", type=float,
+                        help="sys.setswitchinterval of the server's rank 0, in ms (default: Python's, 5)")
     parser.add_argument("--profile-with", metavar="PY_SPY", help="py-spy executable: sample the server during each served round")
     parser.add_argument("--profile-out", type=Path, default=Path("profiles"), help="folder for the py-spy profiles (default: profiles)")
     return parser.parse_args(argv)
