@@ -4,7 +4,7 @@
 # on the same card:
 #   benchmarks/gpu_serving_ab.sh BUNDLE.tar.xz 'LABEL=OPTIONS' ['LABEL=OPTIONS' ...]
 # OPTIONS are serving_overhead.py's, e.g.
-#   'default=' 'sdpa=--attention-backend=sdpa' 'switch=--server-switch-interval-ms 0.5'
+#   'default=' 'unfused=--attention-backend=unfused' 'python5=--server-arg=--gil-switch-interval-ms=5'
 #   'profiled=--profile-with $PY_SPY --profile-out $OUT/profiles'
 # A side labelled "old" imports the package in OLD_PACKAGE (a tar of
 # `git archive REV pytest_mtserve`) instead of this tree's. PY_SPY_WHEEL: a py-spy manylinux

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import random
 import signal
 import statistics
@@ -47,7 +46,7 @@ from forward_perf import SHAPES  # noqa: E402
 from profile_threads import format_shares, thread_shares  # noqa: E402
 
 from pytest_mtserve.server.batch_log import BatchTimes, parse_batch_lines  # noqa: E402
-from pytest_mtserve.server.options import ATTENTION_BACKENDS, CUDA_GRAPH_CHOICES  # noqa: E402
+from pytest_mtserve.server.options import ATTENTION_CHOICES, CUDA_GRAPH_CHOICES  # noqa: E402
 from pytest_mtserve.server.tokenizer import ServerTokenizer, load_tokenizer  # noqa: E402
 
 WORDS = (
@@ -60,7 +59,6 @@ WORDS = (
 CHOICE_LABELS = "ABCD"
 MIN_PROMPT_TOKENS, MAX_PROMPT_TOKENS = 50, 600
 WARMUP_REQUESTS = 32
-SWITCH_INTERVAL_SET = "benchmark: rank 0's switch interval (s)"
 CORRECTNESS_SAMPLE = 8  # served results compared with direct ones, to know both paths agree
 
 
@@ -336,30 +334,7 @@ def start_server_for(checkpoint: Path, log_dir: Path, args: argparse.Namespace):
                               queue_delay_us=queue_delay_for(args.clients, args.max_batch_size))  # as the plugin's
     command = [*server_command(settings), f"--attention-backend={args.attention_backend}", f"--cuda-graphs={args.cuda_graphs}",
                "--log-batches", *args.server_arg]  # fmt: skip
-    switching = args.server_switch_interval_ms is not None
-    env = switch_interval_env(args.server_switch_interval_ms, log_dir) if switching else None
-    server = start_server(command, log_dir / "server.log", timeout_s=600, env=env)
-    if switching and SWITCH_INTERVAL_SET not in server.log_path.read_text(errors="replace"):
-        server.stop()
-        raise RuntimeError(f"--server-switch-interval-ms did not reach the server's rank 0 (no '{SWITCH_INTERVAL_SET}' in {server.log_path})")
-    return server
-
-
-def switch_interval_env(milliseconds: float, scratch: Path) -> dict[str, str]:
-    """The environment that sets ``sys.setswitchinterval`` in the server's rank 0 only, before it
-    imports anything: how long a thread that wants the GIL waits before forcing a switch. The
-    engine's thread launches kernels while PyTriton's threads in the same process read and write
-    batches; the product keeps Python's default (5 ms) until this is measured on a GPU host."""
-    site = scratch / "switch_interval"
-    site.mkdir(exist_ok=True)
-    (site / "sitecustomize.py").write_text(
-        "import sys\n"
-        "if sys.orig_argv[1:3] == ['-m', 'pytest_mtserve.server']:\n"
-        f"    sys.setswitchinterval({milliseconds / 1000!r})\n"
-        f"    print({SWITCH_INTERVAL_SET!r}, sys.getswitchinterval(), file=sys.stderr, flush=True)\n"
-    )
-    path = os.environ.get("PYTHONPATH")
-    return {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{path}" if path else str(site)}
+    return start_server(command, log_dir / "server.log", timeout_s=600)
 
 
 def run(args: argparse.Namespace, checkpoint: Path, scratch: Path) -> float:
@@ -525,7 +500,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", type=Path, help="run directory to serve (default: a fresh tiny checkpoint)")
     parser.add_argument("--shape", choices=sorted(SHAPES), help="serve a random-weight checkpoint of this shape, built on --device")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where both paths run the model (default: cpu)")
-    parser.add_argument("--attention-backend", default="unfused", choices=ATTENTION_BACKENDS, help="core attention of both paths (default: unfused)")
+    parser.add_argument("--attention-backend", default="auto", choices=ATTENTION_CHOICES,
+                        help="core attention of both paths, as the server's option (default: auto)")
     parser.add_argument("--cuda-graphs", default="auto", choices=CUDA_GRAPH_CHOICES, help="CUDA graphs of both paths, as the server's option (default: auto)")
     parser.add_argument("--server-python", default=sys.executable, help="interpreter of the server (default: this one)")
     parser.add_argument("--peer-python", help="also measure Hugging Face transformers under this interpreter (cuda)")
@@ -538,8 +514,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--stream", default="mmlu", choices=STREAMS, help="continuations: letters (mmlu, default) or choice texts (arc)")
     parser.add_argument("--server-arg", action="append", default=[],
                         help="extra server option, repeatable, e.g. --server-arg=--queue-delay-us=500")  # fmt: skip
-    parser.add_argument("--server-switch-interval-ms", type=float,
-                        help="sys.setswitchinterval of the server's rank 0, in ms (default: Python's, 5)")
     parser.add_argument("--profile-with", metavar="PY_SPY", help="py-spy executable: sample the server during each served round")
     parser.add_argument("--profile-out", type=Path, default=Path("profiles"), help="folder for the py-spy profiles (default: profiles)")
     return parser.parse_args(argv)

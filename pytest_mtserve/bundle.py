@@ -92,16 +92,20 @@ class BundleError(RuntimeError):
 
 
 def build_bundle(
-    output_dir: Path,
+    output: Path,
     *,
     python_version: str = "3.12",
     platforms: tuple[str, ...] = DEFAULT_PLATFORMS,
     with_eval: bool = False,
 ) -> Path:
-    """Write ``mtserve-bundle-py<version>.tar.xz`` into ``output_dir``; returns its path."""
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    """Write the archive to ``output`` if its name ends in ``.tar.xz``, else into the folder
+    ``output`` as ``mtserve-bundle-py<version>.tar.xz``; returns its path."""
     tag = python_version.replace(".", "")
+    output = Path(output)
+    archive = output if output.name.endswith(".tar.xz") else output / f"mtserve-bundle-py{tag}.tar.xz"
+    if archive.is_dir():
+        raise BundleError(f"{archive} is a folder; name the archive's own path or a folder not ending in .tar.xz")
+    archive.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="mtserve-bundle-") as scratch:
         root = Path(scratch) / f"mtserve-bundle-py{tag}"
         downloads = Path(scratch) / "downloads"
@@ -115,7 +119,6 @@ def build_bundle(
             target.parent.mkdir(parents=True, exist_ok=True)
             _repack_uncompressed(wheel, target, keep=_pytriton_filter(python_version))
         _write_installer(root)
-        archive = output_dir / f"{root.name}.tar.xz"
         partial = archive.with_name(archive.name + ".partial")  # renamed into place once complete
         try:
             with tarfile.open(partial, "w:xz", preset=6) as tar:

@@ -48,7 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     convert.set_defaults(run=_run_convert_hf)
 
     bundle = commands.add_parser("bundle", help="write an offline install archive (wheels + install.sh) for a GPU host")
-    bundle.add_argument("output_dir", type=Path, help="folder to write mtserve-bundle-py<version>.tar.xz into")
+    bundle.add_argument("output", type=Path, metavar="OUT",
+                        help="the archive's path (NAME.tar.xz), or a folder to write mtserve-bundle-py<version>.tar.xz into")
     bundle.add_argument("--python-version", default="3.12", help="the GPU host's Python, e.g. 3.12 (default)")
     bundle.add_argument("--platform", action="append", dest="platforms", metavar="TAG",
                         help="wheel platform tag, repeatable (default: manylinux x86_64 tags)")  # fmt: skip
@@ -93,7 +94,7 @@ def _run_bundle(args: argparse.Namespace) -> int:
 
     platforms = tuple(args.platforms) if args.platforms else DEFAULT_PLATFORMS
     try:
-        archive = build_bundle(args.output_dir, python_version=args.python_version, platforms=platforms, with_eval=args.with_eval)
+        archive = build_bundle(args.output, python_version=args.python_version, platforms=platforms, with_eval=args.with_eval)
     except BundleError as error:
         print(f"mtserve bundle: error: {error}", file=sys.stderr)
         return 2

@@ -138,6 +138,12 @@ def run_benchmark(
     try:
         with _harness_process_state(output_dir, datasets_dir, harness_log):
             _evaluate(benchmark, endpoint, output_dir, limit, parallelism, request_timeout)
+    except SystemExit:
+        # nemo-evaluator's SIGINT/SIGTERM handler stops the harness and exits the process;
+        # inside pytest that exit would fail only this test and start the next benchmark.
+        raise KeyboardInterrupt(
+            f"{benchmark.name}: the evaluation was stopped by {_stopping_signal(output_dir)}"
+        ) from None
     except Exception as error:  # the harness fails in many ways; all end up here
         raise EvaluationError(_failure_message(benchmark, output_dir, error, harness_log)) from None
     finally:
@@ -150,6 +156,16 @@ def run_benchmark(
             f"over {result.n} questions in {wall_time_s:.1f} s"
         )
     return result
+
+
+def _stopping_signal(output_dir: Path) -> str:
+    """The signal nemo-evaluator recorded on stopping the harness, as SIGTERM or SIGINT."""
+    from nemo_evaluator.core.evaluate import INTERRUPTED_MARKER_FILENAME
+
+    try:
+        return json.loads((output_dir / INTERRUPTED_MARKER_FILENAME).read_text())["signal"] or "a signal"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "a signal"
 
 
 def _new_output_dir(output_dir: Path) -> Path:

@@ -73,3 +73,23 @@ def test_cli_reports_a_failed_download_as_one_line(tmp_path, monkeypatch, capsys
     assert cli.main(["bundle", str(tmp_path / "out")]) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("mtserve bundle: error: pip download failed") and "\n" not in error
+
+
+def test_the_archive_goes_where_out_names_it(tmp_path, monkeypatch):
+    def download(requirements, dest: Path, *args) -> None:  # no index here: one small wheel
+        dest.mkdir(parents=True, exist_ok=True)
+        _wheel(dest / "pkg-1.0-py3-none-any.whl", {"pkg/__init__.py": b""})
+
+    monkeypatch.setattr(bundle, "_download_wheels", download)
+    monkeypatch.setattr(bundle, "_build_wheels", lambda *args, **kwargs: None)
+    named = bundle.build_bundle(tmp_path / "gpu" / "offline.tar.xz")
+    into_folder = bundle.build_bundle(tmp_path / "bundles", python_version="3.11")
+    assert named == tmp_path / "gpu" / "offline.tar.xz" and named.is_file()
+    assert into_folder == tmp_path / "bundles" / "mtserve-bundle-py311.tar.xz" and into_folder.is_file()
+    assert sorted(path.name for path in tmp_path.rglob("*") if path.is_file()) == ["mtserve-bundle-py311.tar.xz", "offline.tar.xz"]
+
+
+def test_an_archive_path_that_is_a_folder_is_refused_before_any_download(tmp_path, capsys):
+    (tmp_path / "taken.tar.xz").mkdir()
+    assert cli.main(["bundle", str(tmp_path / "taken.tar.xz")]) == 2
+    assert "taken.tar.xz is a folder; name the archive's own path" in capsys.readouterr().err

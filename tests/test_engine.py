@@ -257,3 +257,19 @@ def test_a_process_adapted_to_the_cpu_refuses_cuda_with_a_clear_error(local_mode
 
     with pytest.raises(RuntimeError, match="process of its own"):
         init_parallel(tp=1, pp=1, device=torch.device("cuda"))
+
+
+@pytest.mark.parametrize(("ranks", "omp", "threads"), [(2, None, 8), (3, None, 5), (32, None, 1), (1, None, None), (2, "4", None)])
+def test_cpu_ranks_share_the_host_s_cores(monkeypatch, ranks: int, omp: str | None, threads: int | None) -> None:
+    """Each CPU rank takes all cores by default: --tp 3 on 2 cores starved Triton's stubs."""
+    from pytest_mtserve.server import distributed
+
+    chosen = []
+    monkeypatch.setattr(distributed.os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setattr(distributed.torch, "set_num_threads", chosen.append)
+    if omp is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", omp)  # the user's choice stands
+    distributed._share_cpu_cores(ranks)
+    assert chosen == ([threads] if threads else [])

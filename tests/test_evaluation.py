@@ -8,7 +8,9 @@ The model is a small local HTTP server with deterministic made-up answers
 from __future__ import annotations
 
 import json
+import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -134,6 +136,30 @@ def test_chat_benchmark_talks_to_the_chat_endpoint(server, assets, tmp_path) -> 
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_a_signal_mid_run_stops_the_session_not_only_this_benchmark(server, assets, tmp_path) -> None:
+    """nemo-evaluator's SIGTERM handler exits the process: pytest would fail this one test with
+    SystemExit and start the next benchmark. A KeyboardInterrupt makes pytest stop."""
+    endpoint, _ = server
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)  # a signal sent too early is harmless
+    placeholder = signal.getsignal(signal.SIGTERM)
+
+    def terminate_once_the_harness_listens() -> None:
+        deadline = time.monotonic() + 60
+        while signal.getsignal(signal.SIGTERM) is placeholder and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    sender = threading.Thread(target=terminate_once_the_harness_listens, daemon=True)
+    try:
+        sender.start()
+        with pytest.raises(KeyboardInterrupt, match="arc_easy: the evaluation was stopped by SIGTERM"):
+            _run("arc_easy", endpoint, assets[1], tmp_path / "run", limit=None)
+    finally:
+        sender.join(timeout=60)
+        signal.signal(signal.SIGTERM, previous)
+
+
 def test_missing_offline_dataset_is_a_clear_error(server, tmp_path) -> None:
     endpoint, _ = server
     empty_datasets = tmp_path / "no-datasets"

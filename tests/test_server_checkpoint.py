@@ -91,13 +91,14 @@ def test_parallelism_the_model_cannot_take_is_refused(tiny_checkpoint: Path, tp:
         (["--tp", "3"], "--tp 3 does not divide"),
         (["--frontend-processes", "-1"], "--frontend-processes must be 0 (one per 4 CPU cores) or more"),
         (["--triton-instances", "0"], "--triton-instances must be at least 1"),
+        (["--gil-switch-interval-ms", "0"], "--gil-switch-interval-ms must be more than 0"),
         pytest.param(["--device", "cuda"], "no CUDA GPU is visible; use --device cpu", id="no-gpu",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible here")),
         (["--device", "cpu", "--cuda-graphs", "on"], "--cuda-graphs on needs a CUDA device"),
         pytest.param(["--cuda-graphs", "on"], "--cuda-graphs on needs a CUDA device", id="graphs-without-gpu",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible here")),
     ],
-    ids=["missing-checkpoint", "bad-tp", "negative-frontend-processes", "no-triton-instance", "no-gpu", "graphs-on-cpu", "graphs-without-gpu"],
+    ids=["missing-checkpoint", "bad-tp", "negative-frontend-processes", "no-triton-instance", "no-switch-interval", "no-gpu", "graphs-on-cpu", "graphs-without-gpu"],
 )
 def test_server_command_refuses_bad_input_quickly(tiny_checkpoint: Path, args: list[str], message: str) -> None:
     command = [sys.executable, "-m", "pytest_mtserve.server", "--checkpoint", str(tiny_checkpoint), *args]
@@ -135,7 +136,7 @@ def test_the_ranks_command_line_carries_every_option() -> None:
     argv = ["--checkpoint", "/ckpt", "--tp", "2", "--max-batch-size", "16", "--inference-max-seq-length", "512",
             "--host", "0.0.0.0", "--port", "9000", "--triton-port", "9001", "--model-name", "m", "--device", "cpu",
             "--dtype", "bfloat16", "--attention-backend", "sdpa", "--queue-delay-us", "10", "--triton-instances", "1", "--request-timeout", "5",
-            "--frontend-processes", "3", "--cuda-graphs", "off", "--log-batches"]  # fmt: skip
+            "--frontend-processes", "3", "--cuda-graphs", "off", "--gil-switch-interval-ms", "5", "--log-batches"]  # fmt: skip
     options = parse_server_options(argv)
     defaults = parse_server_options(["--checkpoint", "/ckpt"])
     assert all(getattr(options, name) != getattr(defaults, name) for name in ServerOptions.__dataclass_fields__
@@ -147,6 +148,15 @@ def test_front_end_processes_default_to_one_per_four_cores_up_to_four() -> None:
     from pytest_mtserve.server.options import default_frontend_processes
 
     assert [default_frontend_processes(cores) for cores in (None, 1, 2, 7, 8, 16, 128)] == [1, 1, 1, 1, 2, 4, 4]
+
+
+def test_attention_defaults_to_sdpa_on_gpus_and_unfused_on_the_cpu() -> None:
+    from pytest_mtserve.server.model import resolve_attention_backend
+
+    assert [resolve_attention_backend("auto", torch.device(kind)) for kind in ("cuda", "cpu")] == ["sdpa", "unfused"]
+    assert resolve_attention_backend("unfused", torch.device("cuda")) == "unfused"
+    with pytest.raises(ValueError, match="unknown attention backend 'flash': use auto, unfused or sdpa"):
+        resolve_attention_backend("flash", torch.device("cpu"))
 
 
 def test_cuda_graphs_default_on_for_one_gpu_and_refuse_the_cpu() -> None:

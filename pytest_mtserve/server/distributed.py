@@ -62,6 +62,7 @@ def init_parallel(tp: int, pp: int, device: torch.device, *, cpu_collectives: bo
         from pytest_mtserve.server.cpu_compat import apply_cpu_compat
 
         apply_cpu_compat()
+        _share_cpu_cores(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         backend = "gloo"
     if not dist.is_initialized():
         if "MASTER_ADDR" in os.environ:
@@ -79,6 +80,16 @@ def init_parallel(tp: int, pp: int, device: torch.device, *, cpu_collectives: bo
     tp_random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
     control = dist.new_group(backend="gloo", timeout=_CONTROL_TIMEOUT) if backend != "gloo" else dist.group.WORLD
     return ParallelGroups(rank=rank, world_size=world_size, device=device, control_group=control)
+
+
+def _share_cpu_cores(local_ranks: int) -> None:
+    """Give each of this host's CPU ranks its share of the cores, as torchrun's OMP_NUM_THREADS=1 would.
+
+    Left to torch's default every rank takes all cores: at TP 3 on 2 cores, 6 busy threads
+    starved Triton's Python stubs until they failed their health check mid-run.
+    """
+    if local_ranks > 1 and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_ranks))
 
 
 def shutdown_parallel() -> None:

@@ -30,7 +30,7 @@ def load_model(
     tp: int = 1,
     device: str = "cpu",
     dtype: str = "auto",
-    attention_backend: str = "unfused",
+    attention_backend: str = "auto",
     cuda_graphs: str = "off",
 ) -> LocalModel:
     """Initialise a one-process group (if none) and load the checkpoint's weights;

@@ -96,6 +96,7 @@ def _lead(rank, options: ServerOptions) -> None:
     from pytest_mtserve.server.triton_binding import TritonEngineServer
 
     stop_requested = stop_requested_on_signals()
+    sys.setswitchinterval(options.gil_switch_interval_ms / 1000)
     triton = TritonEngineServer(
         rank.leader.run_batch,
         max_batch_size=options.max_batch_size,

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # Core attention of the local spec: Megatron's unfused softmax(QK^T)V, or torch's fused
-# scaled_dot_product_attention (see sdpa_attention.py).
+# scaled_dot_product_attention (see sdpa_attention.py); "auto" picks by device (model.py).
 ATTENTION_BACKENDS = ("unfused", "sdpa")
+ATTENTION_CHOICES = ("auto", *ATTENTION_BACKENDS)
 CUDA_GRAPH_CHOICES = ("auto", "on", "off")
 
 
@@ -34,6 +35,7 @@ class ServerOptions:
     frontend_processes: int = 0  # 0: default_frontend_processes()
     cuda_graphs: str = "auto"  # see uses_cuda_graphs()
     triton_instances: int = 2
+    gil_switch_interval_ms: float = 0.5
     log_batches: bool = False
 
     @property
@@ -64,10 +66,10 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
                         help="auto uses the GPUs when there are any (default: auto)")
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                         help="compute dtype; auto is bfloat16 on GPU, float32 on CPU (default: auto)")
-    parser.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="unfused",
-                        help="core attention: Megatron's unfused softmax(QK^T)V, or torch's fused "
-                             "scaled_dot_product_attention (sdpa; experimental on GPUs, see "
-                             "docs/performance.md) (default: unfused)")
+    parser.add_argument("--attention-backend", choices=ATTENTION_CHOICES, default="auto",
+                        help="core attention: torch's fused scaled_dot_product_attention (sdpa) or "
+                             "Megatron's unfused softmax(QK^T)V; auto is sdpa on GPUs and unfused on "
+                             "the CPU, where the demo's baselines were recorded (default: auto)")
     parser.add_argument("--cuda-graphs", choices=CUDA_GRAPH_CHOICES, default="auto",
                         help="run log-likelihood prefills as CUDA graphs, replayed per padded shape "
                              "instead of launching every kernel from Python; auto is on with CUDA "
@@ -78,6 +80,10 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--triton-instances", type=int, default=2, metavar="N",
                         help="Triton model instances handing batches to the engine in turn: with 2, the "
                              "next batch reaches the engine's process while one runs, not after it (default: 2)")
+    parser.add_argument("--gil-switch-interval-ms", type=float, default=0.5, metavar="MS",
+                        help="how long the engine's thread in rank 0 waits for the GIL while a Triton "
+                             "handler thread holds it (sys.setswitchinterval); Python's 5 ms left the "
+                             "GPU idle ~5 ms before each batch (default: 0.5)")
     parser.add_argument("--request-timeout", type=float, default=600.0,
                         help="seconds the HTTP front end waits for Triton per request (default: 600)")
     parser.add_argument("--frontend-processes", type=int, default=0, metavar="N",
@@ -101,6 +107,8 @@ def options_from_namespace(args: argparse.Namespace, parser: argparse.ArgumentPa
     for name in ("tp", "pp", "max_batch_size", "inference_max_seq_length", "triton_instances"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if not args.gil_switch_interval_ms > 0:
+        parser.error("--gil-switch-interval-ms must be more than 0")
     if args.frontend_processes < 0:
         parser.error("--frontend-processes must be 0 (one per 4 CPU cores) or more")
     for name in ("port", "triton_port"):
@@ -119,6 +127,7 @@ def to_argv(options: ServerOptions) -> list[str]:
         "--model-name", options.model_name, "--device", options.device, "--dtype", options.dtype,
         "--attention-backend", options.attention_backend,
         "--queue-delay-us", str(options.queue_delay_us), "--triton-instances", str(options.triton_instances),
+        "--gil-switch-interval-ms", str(options.gil_switch_interval_ms),
         "--request-timeout", str(options.request_timeout),
         "--frontend-processes", str(options.frontend_processes), "--cuda-graphs", options.cuda_graphs,
         *(["--log-batches"] if options.log_batches else []),
