@@ -71,6 +71,7 @@ class ServerSettings:
     model_name: str = "megatron_model"
     python: str | None = None  # the server's interpreter; None: this one
     queue_delay_us: int | None = None  # None: the server's default
+    extra_args: tuple[str, ...] = ()  # more server options, after these (--server-args)
 
 
 def server_command(settings: ServerSettings) -> list[str]:
@@ -88,6 +89,7 @@ def server_command(settings: ServerSettings) -> list[str]:
         "--model-name", settings.model_name,
         "--device", settings.device,
         *([] if settings.queue_delay_us is None else ["--queue-delay-us", str(settings.queue_delay_us)]),
+        *settings.extra_args,
     ]  # fmt: skip
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -80,6 +81,26 @@ def _interpreter(text: str) -> str:
     if path is None:
         raise ValueError("no such executable; pass the path of a Python interpreter")
     return path
+
+
+# Server options whose values the plugin sets and relies on (they also go into baselines'
+# provenance), with the plugin's own flag for each.
+_SERVER_FLAGS_OF_THE_PLUGIN = {
+    "--checkpoint": "--checkpoint", "--tp": "--tp", "--tensor-model-parallel-size": "--tp",
+    "--pp": "--pp", "--pipeline-model-parallel-size": "--pp", "--device": "--device",
+    "--max-batch-size": "--max-batch-size", "--inference-max-seq-length": "--inference-max-seq-length",
+    "--port": "--server-port", "--server-port": "--server-port", "--host": None,
+}  # fmt: skip
+
+
+def _server_args(text: str) -> tuple[str, ...]:
+    args = tuple(shlex.split(text))
+    for arg in args:
+        flag = arg.split("=", 1)[0]
+        if flag in _SERVER_FLAGS_OF_THE_PLUGIN:
+            own = _SERVER_FLAGS_OF_THE_PLUGIN[flag]
+            raise ValueError(f"{flag} is set by the plugin; " + (f"use its {own} option" if own else "it serves on 127.0.0.1 only"))
+    return args
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -158,6 +179,10 @@ OPTIONS = (
             "own), e.g. a virtual environment holding the server's packages apart from the "
             "evaluation's; pytest_mtserve must be importable there.", _interpreter,
             metavar="PYTHON"),
+    Option("--server-args", "More options of the launched server as one string, after the "
+            "plugin's own (`mtserve serve --help` lists them), e.g. "
+            "--server-args='--attention-backend unfused --log-batches'.", _server_args,
+            metavar="ARGS"),
     Option("--server-timeout", "Seconds to wait for the launched server to be ready.",
             _positive_float, "900", metavar="SECONDS"),
     Option("--benchmarks", "Comma-separated benchmarks to run, e.g. mmlu,arc_challenge, or "
@@ -207,6 +232,7 @@ class MtserveOptions:
     inference_max_seq_length: int
     server_port: int
     server_python: str | None
+    server_args: tuple[str, ...] | None
     server_timeout: float
     benchmarks: tuple[str, ...]
     limit_samples: SampleLimits | None
@@ -244,6 +270,7 @@ class MtserveOptions:
             device=self.device,
             python=self.server_python,
             queue_delay_us=queue_delay_for(self.parallelism, self.max_batch_size),
+            extra_args=self.server_args or (),
         )
 
 
@@ -251,6 +278,8 @@ def read_options(config: pytest.Config) -> MtserveOptions:
     values = {option.dest: _option_value(config, option) for option in OPTIONS}
     if values["checkpoint"] and values["endpoint"]:
         raise pytest.UsageError("--checkpoint and --endpoint exclude each other: pass one")
+    if values["server_args"] and values["endpoint"]:
+        raise pytest.UsageError("--server-args: with --endpoint no server is launched; pass them to the running server instead")
     if values["num_gpus"] is not None and values["num_gpus"] != values["tp"] * values["pp"]:
         raise pytest.UsageError(
             f"--num-gpus {values['num_gpus']} must equal --tp {values['tp']} x --pp "

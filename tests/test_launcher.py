@@ -107,6 +107,11 @@ def test_server_command_sets_the_queue_delay_only_for_two_batches_in_flight() ->
     assert queue_delay(63) is None and queue_delay(1) is None  # the server's default
 
 
+def test_server_command_ends_with_the_extra_server_options() -> None:
+    command = server_command(ServerSettings(checkpoint=Path("/ckpt/run"), extra_args=("--attention-backend", "unfused")))
+    assert command[-2:] == ["--attention-backend", "unfused"]  # after the plugin's: the server's argparse keeps the last
+
+
 def test_server_command_runs_the_chosen_interpreter() -> None:
     command = server_command(ServerSettings(checkpoint=Path("/ckpt/run"), python="/envs/server/bin/python"))
     assert command[:3] == ["/envs/server/bin/python", "-m", "pytest_mtserve.server"]

@@ -104,12 +104,31 @@ def test_benchmark_ids_and_a_benchmark_added_from_conftest(project: pytest.Pytes
         (["--checkpoint", "demo", "--endpoint", "http://h:1"], "exclude each other"),
         (["--tp", "2", "--num-gpus", "4"], "--num-gpus 4 must equal --tp 2 x --pp 1"),
         (["--server-python", "/no/python3"], "--server-python '/no/python3': no such executable"),
+        (["--server-args=--tp=2"], "--server-args '--tp=2': --tp is set by the plugin; use its --tp option"),
+        (["--server-args=--port 1"], "--server-args '--port 1': --port is set by the plugin; use its --server-port option"),
+        (["--endpoint", "http://h:1", "--server-args=--log-batches"], "--server-args: with --endpoint no server is launched"),
     ],
 )
 def test_bad_option_values_are_usage_errors(pytester: pytest.Pytester, args: list[str], message: str) -> None:
     result = pytester.runpytest_subprocess(*args)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines([f"*{message}*"])
+
+
+def test_server_args_follow_the_plugins_own_on_the_server_command(pytester: pytest.Pytester) -> None:
+    pytester.makeini("[pytest]\nmtserve_server_args = --gil-switch-interval-ms 5\n")
+    pytester.makepyfile(test_command="""
+        from pathlib import Path
+        from pytest_mtserve.launcher import server_command
+
+        def test_command(mtserve_options):
+            command = server_command(mtserve_options.server_settings(Path("/ckpt")))
+            assert command[-3:] == ["--attention-backend", "unfused", "--log-batches"]
+            assert "--gil-switch-interval-ms" not in command
+        """)
+    (pytester.path / "run").mkdir()
+    result = pytester.runpytest_inprocess("--checkpoint", "run", "--server-args=--attention-backend unfused --log-batches")
+    result.assert_outcomes(passed=1)  # the command line's value, not the ini file's
 
 
 def test_bad_ini_value_names_the_ini_key(pytester: pytest.Pytester) -> None:
