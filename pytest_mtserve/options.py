@@ -83,8 +83,8 @@ def _interpreter(text: str) -> str:
     return path
 
 
-# Server options whose values the plugin sets and relies on (they also go into baselines'
-# provenance), with the plugin's own flag for each.
+# Server options whose values the plugin sets and relies on (the batch size for the requests in
+# flight, tp/pp for baselines' provenance, the port to reach it), with the plugin's own flag for each.
 _SERVER_FLAGS_OF_THE_PLUGIN = {
     "--checkpoint": "--checkpoint", "--tp": "--tp", "--tensor-model-parallel-size": "--tp",
     "--pp": "--pp", "--pipeline-model-parallel-size": "--pp", "--device": "--device",

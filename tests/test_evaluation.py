@@ -136,7 +136,6 @@ def test_chat_benchmark_talks_to_the_chat_endpoint(server, assets, tmp_path) -> 
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 def test_a_signal_mid_run_stops_the_session_not_only_this_benchmark(server, assets, tmp_path) -> None:
     """nemo-evaluator's SIGTERM handler exits the process: pytest would fail this one test with
     SystemExit and start the next benchmark. A KeyboardInterrupt makes pytest stop."""
@@ -160,6 +159,7 @@ def test_a_signal_mid_run_stops_the_session_not_only_this_benchmark(server, asse
         signal.signal(signal.SIGTERM, previous)
 
 
+@pytest.mark.slow
 def test_missing_offline_dataset_is_a_clear_error(server, tmp_path) -> None:
     endpoint, _ = server
     empty_datasets = tmp_path / "no-datasets"
